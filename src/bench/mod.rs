@@ -1,0 +1,5 @@
+//! `orderbridge bench …`: performance figures printed one per line as
+//! `key: value`. Benchmarks run against the configured PostgreSQL in scratch
+//! databases that are dropped afterwards.
+
+pub mod outbox;

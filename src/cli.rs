@@ -1,0 +1,150 @@
+//! The command line (clap): `run`, `migrate`, `check-config`, `dlq`, `bench`.
+//! Each command loads and validates the configuration first; nothing starts on
+//! an invalid one.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orderbridge",
+    version,
+    about = "Kaspi.kz / Avito <-> amoCRM order bridge"
+)]
+pub struct Cli {
+    /// Configuration file layered over the built-in defaults.
+    #[arg(long, short, global = true, env = "ORDERBRIDGE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (migrates the database first unless --no-migrate).
+    Run {
+        /// Do not migrate; refuse to start if the schema is behind.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Create the database if needed and apply pending migrations.
+    Migrate,
+    /// Validate the configuration and exit.
+    CheckConfig,
+    /// Inspect and replay dead-lettered jobs.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Measure performance; prints `key: value` lines.
+    Bench {
+        #[command(subcommand)]
+        which: BenchWhich,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead-lettered jobs, newest first.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Put a dead job (or all of them) back in the queue with a fresh schedule.
+    Retry {
+        /// Job id.
+        id: Option<i64>,
+        /// Replay every dead job.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Remove a dead job for good (its attempt history stays).
+    Discard { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchWhich {
+    /// The outbox engine: drain throughput, latency, rate-limit accuracy.
+    Outbox(crate::bench::outbox::OutboxBenchArgs),
+}
+
+/// Exit code for an invalid configuration.
+pub const EXIT_CONFIG: i32 = 2;
+
+/// Runs the parsed command.
+pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { no_migrate } => crate::daemon::run(settings, !no_migrate).await?,
+        Command::Migrate => {
+            let pool = crate::store::connect(&settings.database).await?;
+            crate::store::migrate(&pool).await?;
+            println!("database schema is current");
+        }
+        Command::CheckConfig => {
+            println!(
+                "configuration is valid: {} CRM account(s), {} shop(s)",
+                settings.crm_accounts.len(),
+                settings.shops.len()
+            );
+        }
+        Command::Dlq { action } => dlq(&settings, action).await?,
+        Command::Bench {
+            which: BenchWhich::Outbox(args),
+        } => {
+            crate::bench::outbox::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn dlq(settings: &Settings, action: DlqAction) -> anyhow::Result<()> {
+    use crate::store::outbox::{self as store, Replay};
+    let pool = crate::store::connect(&settings.database).await?;
+    crate::store::ensure_schema_current(&pool).await?;
+    match action {
+        DlqAction::List { limit } => {
+            let dead = store::list_dead(&pool, limit).await?;
+            if dead.is_empty() {
+                println!("no dead-lettered jobs");
+            }
+            for job in dead {
+                println!(
+                    "{id}\t{kind}\t{target}\t{key}\tattempts={attempts}\tdead_since={since}\t{error}",
+                    id = job.id,
+                    kind = job.kind,
+                    target = job.target,
+                    key = job.ordering_key,
+                    attempts = job.attempts,
+                    since = job.updated_at.to_rfc3339(),
+                    error = job.last_error.unwrap_or_default(),
+                );
+            }
+        }
+        DlqAction::Retry { id: Some(id), .. } => match store::replay_dead(&pool, id).await? {
+            Replay::Requeued => println!("job {id} is back in the queue"),
+            Replay::Superseded { by } => {
+                println!("job {id} removed: pending job {by} carries the same intent")
+            }
+            Replay::NotFound => anyhow::bail!("no dead-lettered job with id {id}"),
+        },
+        DlqAction::Retry { id: None, all } => {
+            anyhow::ensure!(all, "give a job id or --all");
+            let (requeued, superseded) = store::replay_all_dead(&pool).await?;
+            println!(
+                "{requeued} job(s) back in the queue, {superseded} superseded by pending jobs"
+            );
+        }
+        DlqAction::Discard { id } => {
+            let found = store::discard_dead(&pool, id)
+                .await
+                .with_context(|| format!("discarding job {id}"))?;
+            anyhow::ensure!(found, "no dead-lettered job with id {id}");
+            println!("job {id} discarded");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,573 @@
+//! Settings: the layered configuration and its validation.
+//!
+//! Layers, later ones win: the built-in `config/default.toml` (the reference
+//! documentation of every key), the file given with `--config`, environment
+//! variables `ORDERBRIDGE__SECTION__KEY`, and finally `DATABASE_URL`.
+//! Everything is validated before any task starts; an error names the key's
+//! full path and the layer (file) it came from. Secrets are
+//! [`SecretString`]s and never print.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// The reference configuration, compiled into the binary so that it runs from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+/// How the built-in layer is named in error messages.
+pub const DEFAULT_ORIGIN: &str = "config/default.toml (built in)";
+
+/// The whole configuration of one deployment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub http: HttpSettings,
+    pub telemetry: TelemetrySettings,
+    pub outbox: OutboxSettings,
+    /// CRM accounts by name; shops refer to them by that name.
+    #[serde(default)]
+    pub crm_accounts: BTreeMap<String, CrmAccount>,
+    /// Marketplace accounts (shops) by name.
+    #[serde(default)]
+    pub shops: BTreeMap<String, Shop>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// May carry a password, hence secret.
+    pub url: SecretString,
+    pub max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+    pub webhook_body_limit_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// `tracing` filter directives; `RUST_LOG` wins when set.
+    pub log_filter: String,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    pub concurrency: usize,
+    pub claim_batch: u32,
+    #[serde(with = "humantime_serde")]
+    pub job_lease: Duration,
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_deadline: Duration,
+    #[serde(with = "humantime_serde")]
+    pub target_lease_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    pub retry: RetrySettings,
+    /// Quotas by target key, e.g. `"amocrm:main"`. Targets not listed are not limited
+    /// unless an account declares its own quota.
+    #[serde(default)]
+    pub limits: BTreeMap<String, RateQuota>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Delay before retry N (1-based); the job is dead-lettered after the last one.
+    #[serde(deserialize_with = "durations")]
+    pub schedule: Vec<Duration>,
+    /// Random spread applied to each delay: 0.2 means ±20 %.
+    pub jitter: f64,
+    /// Minimum delay after a 429 or a timeout.
+    #[serde(with = "humantime_serde")]
+    pub throttle_floor: Duration,
+    /// A server-given retry-after is honoured up to this bound.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+}
+
+/// `requests` per `per`, with at most `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateQuota {
+    pub requests: u32,
+    #[serde(with = "humantime_serde", default = "one_second")]
+    pub per: Duration,
+    #[serde(default = "one")]
+    pub burst: u32,
+}
+
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let items: Vec<humantime_serde::Serde<Duration>> = Vec::deserialize(d)?;
+    Ok(items.into_iter().map(|s| s.into_inner()).collect())
+}
+
+fn one_second() -> Duration {
+    Duration::from_secs(1)
+}
+fn one() -> u32 {
+    1
+}
+
+/// An amoCRM account.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrmAccount {
+    /// `https://{subdomain}.amocrm.ru`, `.kommo.com`, or a simulator's address.
+    pub base_url: String,
+    pub auth: CrmAuth,
+    #[serde(default = "amocrm_default_quota")]
+    pub rate_limit: RateQuota,
+}
+
+fn amocrm_default_quota() -> RateQuota {
+    RateQuota {
+        requests: 7,
+        per: Duration::from_secs(1),
+        burst: 1,
+    }
+}
+
+/// How the bridge authenticates to amoCRM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CrmAuth {
+    LongLived {
+        token: Option<SecretString>,
+    },
+    Oauth {
+        client_id: String,
+        client_secret: Option<SecretString>,
+        redirect_uri: String,
+        /// Used once to seed the token table; afterwards the rotating pair lives in PostgreSQL.
+        initial_refresh_token: Option<SecretString>,
+    },
+}
+
+/// The marketplaces orderbridge knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MarketplaceKind {
+    Kaspi,
+    Avito,
+}
+
+impl fmt::Display for MarketplaceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MarketplaceKind::Kaspi => "kaspi",
+            MarketplaceKind::Avito => "avito",
+        })
+    }
+}
+
+/// A marketplace account, bound to one CRM account and one status map.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shop {
+    pub marketplace: MarketplaceKind,
+    pub crm_account: String,
+    pub map: PathBuf,
+    pub base_url: String,
+    #[serde(with = "humantime_serde", default = "default_shop_poll")]
+    pub poll_interval: Duration,
+    /// Kaspi: the `X-Auth-Token`.
+    pub token: Option<SecretString>,
+    /// Kaspi: `X-Merchant-Uid`, when the shop has one.
+    pub merchant_uid: Option<String>,
+    /// Avito: OAuth client id.
+    pub client_id: Option<String>,
+    /// Avito: OAuth client secret.
+    pub client_secret: Option<SecretString>,
+}
+
+fn default_shop_poll() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Full dotted path of the key, e.g. `shops.kaspi_main.token`.
+    pub key: String,
+    /// The layer the key came from (a file, the environment) or where it belongs.
+    pub origin: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}` ({}): {}", self.key, self.origin, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("cannot load configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration:\n{}", list(.0))]
+    Invalid(Vec<ConfigIssue>),
+}
+
+fn list(issues: &[ConfigIssue]) -> String {
+    issues
+        .iter()
+        .map(|i| format!("  - {i}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Settings {
+    /// Loads the layers and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        let file_origin = file.map(|p| p.display().to_string());
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Missing {
+                    path: path.to_path_buf(),
+                });
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let database_url = env.get("DATABASE_URL").cloned();
+        let database_url_env = database_url.is_some();
+        let overrides: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("ORDERBRIDGE__"))
+            .collect();
+        let overrides_keys: Vec<String> = overrides.keys().cloned().collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("ORDERBRIDGE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("outbox.retry.schedule")
+                .source(Some(overrides)),
+        );
+        builder = builder.set_override_option("database.url", database_url)?;
+        let layered = builder.build()?;
+        let layers = Layers {
+            file: match (file, file_origin) {
+                (Some(path), Some(name)) => std::fs::read_to_string(path)
+                    .ok()
+                    .and_then(|text| text.parse::<toml::Table>().ok())
+                    .map(|table| (name, table)),
+                _ => None,
+            },
+            env_keys: overrides_keys,
+            database_url_env,
+        };
+
+        let settings: Settings = match serde_path_to_error::deserialize(layered.clone()) {
+            Ok(s) => s,
+            Err(err) => {
+                let key = err.path().to_string();
+                let origin = layers.origin_of(&key);
+                return Err(ConfigError::Invalid(vec![ConfigIssue {
+                    key,
+                    origin,
+                    message: err.into_inner().to_string(),
+                }]));
+            }
+        };
+        let issues = settings.validate(|key| layers.origin_of(key));
+        if issues.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError::Invalid(issues))
+        }
+    }
+
+    /// Checks what serde cannot: references between sections, secrets, ranges.
+    fn validate(&self, origin: impl Fn(&str) -> String) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        let mut bad = |key: String, message: String| {
+            let origin = origin(&key);
+            issues.push(ConfigIssue {
+                key,
+                origin,
+                message,
+            });
+        };
+        if self.database.url.expose_secret().trim().is_empty() {
+            bad("database.url".into(), "must not be empty".into());
+        }
+        if self.database.max_connections == 0 {
+            bad(
+                "database.max_connections".into(),
+                "must be at least 1".into(),
+            );
+        }
+        let o = &self.outbox;
+        if o.concurrency == 0 {
+            bad("outbox.concurrency".into(), "must be at least 1".into());
+        }
+        if o.claim_batch == 0 || o.claim_batch > 5000 {
+            bad(
+                "outbox.claim_batch".into(),
+                "must be between 1 and 5000".into(),
+            );
+        }
+        if o.heartbeat_interval.is_zero() || o.heartbeat_interval >= o.target_lease_ttl {
+            bad(
+                "outbox.heartbeat_interval".into(),
+                "must be positive and shorter than outbox.target_lease_ttl".into(),
+            );
+        }
+        if o.heartbeat_interval >= o.job_lease {
+            bad(
+                "outbox.heartbeat_interval".into(),
+                "must be shorter than outbox.job_lease".into(),
+            );
+        }
+        if o.poll_interval.is_zero() {
+            bad("outbox.poll_interval".into(), "must be positive".into());
+        }
+        if o.retry.schedule.is_empty() {
+            bad(
+                "outbox.retry.schedule".into(),
+                "needs at least one delay".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&o.retry.jitter) {
+            bad(
+                "outbox.retry.jitter".into(),
+                "must be between 0.0 and 1.0".into(),
+            );
+        }
+        if o.retry.max_retry_after < o.retry.throttle_floor {
+            bad(
+                "outbox.retry.max_retry_after".into(),
+                "must not be shorter than outbox.retry.throttle_floor".into(),
+            );
+        }
+        for (target, quota) in &o.limits {
+            check_quota(&format!("outbox.limits.{target}"), quota, &mut bad);
+        }
+        for (name, crm) in &self.crm_accounts {
+            let base = format!("crm_accounts.{name}");
+            check_url(&format!("{base}.base_url"), &crm.base_url, &mut bad);
+            check_quota(&format!("{base}.rate_limit"), &crm.rate_limit, &mut bad);
+            match &crm.auth {
+                CrmAuth::LongLived { token } => {
+                    check_secret(&format!("{base}.auth.token"), token.as_ref(), &mut bad)
+                }
+                CrmAuth::Oauth {
+                    client_secret,
+                    redirect_uri,
+                    ..
+                } => {
+                    check_secret(
+                        &format!("{base}.auth.client_secret"),
+                        client_secret.as_ref(),
+                        &mut bad,
+                    );
+                    check_url(&format!("{base}.auth.redirect_uri"), redirect_uri, &mut bad);
+                }
+            }
+        }
+        for (name, shop) in &self.shops {
+            let base = format!("shops.{name}");
+            check_url(&format!("{base}.base_url"), &shop.base_url, &mut bad);
+            if !self.crm_accounts.contains_key(&shop.crm_account) {
+                let known: Vec<&str> = self.crm_accounts.keys().map(String::as_str).collect();
+                bad(
+                    format!("{base}.crm_account"),
+                    format!(
+                        "names no configured CRM account `{}` (configured: {})",
+                        shop.crm_account,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+            if shop.poll_interval.is_zero() {
+                bad(format!("{base}.poll_interval"), "must be positive".into());
+            }
+            match shop.marketplace {
+                MarketplaceKind::Kaspi => {
+                    check_secret(&format!("{base}.token"), shop.token.as_ref(), &mut bad);
+                    for extra in [
+                        ("client_id", shop.client_id.is_some()),
+                        ("client_secret", shop.client_secret.is_some()),
+                    ] {
+                        if extra.1 {
+                            bad(
+                                format!("{base}.{}", extra.0),
+                                "is an Avito key; a Kaspi shop does not use it".into(),
+                            );
+                        }
+                    }
+                }
+                MarketplaceKind::Avito => {
+                    if shop
+                        .client_id
+                        .as_deref()
+                        .is_none_or(|s| s.trim().is_empty())
+                    {
+                        bad(
+                            format!("{base}.client_id"),
+                            "is required for an Avito account".into(),
+                        );
+                    }
+                    check_secret(
+                        &format!("{base}.client_secret"),
+                        shop.client_secret.as_ref(),
+                        &mut bad,
+                    );
+                    if shop.token.is_some() || shop.merchant_uid.is_some() {
+                        bad(format!("{base}.token"), "is a Kaspi key; an Avito account does not use `token` or `merchant_uid`".into());
+                    }
+                }
+            }
+        }
+        issues
+    }
+
+    /// Rate quotas by target key: explicit `outbox.limits` plus one per CRM account.
+    pub fn target_quotas(&self) -> BTreeMap<String, RateQuota> {
+        let mut quotas = BTreeMap::new();
+        for (name, crm) in &self.crm_accounts {
+            quotas.insert(format!("amocrm:{name}"), crm.rate_limit);
+        }
+        for (target, quota) in &self.outbox.limits {
+            quotas.insert(target.clone(), *quota);
+        }
+        quotas
+    }
+}
+
+fn check_quota(key: &str, quota: &RateQuota, bad: &mut impl FnMut(String, String)) {
+    if quota.requests == 0 {
+        bad(format!("{key}.requests"), "must be at least 1".into());
+    }
+    if quota.burst == 0 {
+        bad(format!("{key}.burst"), "must be at least 1".into());
+    }
+    if quota.per.is_zero() {
+        bad(format!("{key}.per"), "must be positive".into());
+    }
+}
+
+fn check_url(key: &str, value: &str, bad: &mut impl FnMut(String, String)) {
+    match reqwest::Url::parse(value) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+        Ok(url) => bad(
+            key.to_string(),
+            format!("must be an http(s) URL, not {}:", url.scheme()),
+        ),
+        Err(e) => bad(key.to_string(), format!("is not a URL ({e})")),
+    }
+}
+
+fn check_secret(key: &str, value: Option<&SecretString>, bad: &mut impl FnMut(String, String)) {
+    match value {
+        None => bad(key.to_string(), "secret is missing".into()),
+        Some(s) if s.expose_secret().trim().is_empty() => {
+            bad(key.to_string(), "secret is empty".into())
+        }
+        Some(_) => {}
+    }
+}
+
+/// The layers as loaded, to say where a key came from.
+struct Layers {
+    file: Option<(String, toml::Table)>,
+    env_keys: Vec<String>,
+    database_url_env: bool,
+}
+
+impl Layers {
+    /// The layer a key (or its nearest existing parent) came from; for a missing
+    /// key, the operator's file (where it belongs) or the built-in defaults.
+    fn origin_of(&self, key: &str) -> String {
+        if key == "database.url" && self.database_url_env {
+            return "environment variable DATABASE_URL".to_string();
+        }
+        let mut path: Vec<&str> = key.split('.').filter(|p| !p.is_empty()).collect();
+        while !path.is_empty() {
+            let env_name = format!("ORDERBRIDGE__{}", path.join("__")).to_uppercase();
+            if self.env_keys.iter().any(|k| k.to_uppercase() == env_name) {
+                return format!("environment variable {env_name}");
+            }
+            if let Some((name, table)) = &self.file {
+                if lookup(table, &path) {
+                    return name.clone();
+                }
+            }
+            if lookup_default(&path) {
+                return DEFAULT_ORIGIN.to_string();
+            }
+            path.pop();
+        }
+        match &self.file {
+            Some((name, _)) => name.clone(),
+            None => DEFAULT_ORIGIN.to_string(),
+        }
+    }
+}
+
+fn lookup(table: &toml::Table, path: &[&str]) -> bool {
+    let mut current = table;
+    for (i, part) in path.iter().enumerate() {
+        match current.get(*part) {
+            Some(toml::Value::Table(t)) => current = t,
+            Some(_) => return i + 1 == path.len(),
+            None => return false,
+        }
+    }
+    true
+}
+
+fn lookup_default(path: &[&str]) -> bool {
+    DEFAULT_TOML
+        .parse::<toml::Table>()
+        .map(|t| lookup(&t, path))
+        .unwrap_or(false)
+}

@@ -1,0 +1,21 @@
+//! orderbridge: a long-running daemon that bridges marketplace orders (Kaspi.kz,
+//! Avito) and amoCRM, through a PostgreSQL outbox.
+//!
+//! Layout (see `docs/ARCHITECTURE.md` for the data flow):
+//! - [`cli`]: the clap commands (`run`, `migrate`, `check-config`, `dlq`, `bench`);
+//! - [`config`]: layered settings and their validation;
+//! - [`telemetry`]: JSON logs, PII masking, the metrics recorder;
+//! - [`store`]: the PostgreSQL pool, migrations and every SQL statement;
+//! - [`outbox`]: the job engine (claims, leases, retries, rate limits);
+//! - [`http`]: the axum side (`/healthz`, `/readyz`, `/metrics`);
+//! - [`daemon`]: wires the parts together for `run`, with graceful shutdown;
+//! - [`bench`]: `orderbridge bench …`, throughput and latency figures.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod outbox;
+pub mod store;
+pub mod telemetry;

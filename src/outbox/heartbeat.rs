@@ -1,0 +1,145 @@
+//! Liveness of one replica: target leases (take free or expired ones, renew
+//! its own), renewal of running jobs' leases, reaping of jobs whose worker
+//! died, queue depth gauges; and the LISTEN/NOTIFY listener that wakes the
+//! dispatcher when jobs are enqueued.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::store::outbox::{self as store, NOTIFY_CHANNEL};
+use crate::store::StoreError;
+
+pub(super) async fn run_heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beats: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+            _ = shared.beat_now.notified() => {}
+        }
+        if let Err(error) = beat(&shared, beats % 6 == 0).await {
+            tracing::error!(%error, "Outbox heartbeat failed; leases will be renewed on the next one.");
+        }
+        beats += 1;
+    }
+}
+
+async fn beat(shared: &Shared, with_gauges: bool) -> Result<(), StoreError> {
+    let now = shared.clock.now();
+    let held = store::acquire_targets(
+        &shared.pool,
+        &shared.owner,
+        now,
+        shared.lease_until(shared.config.target_lease_ttl),
+    )
+    .await?;
+    let gained = {
+        let mut state = shared.state();
+        let before: HashSet<&String> = state.held.iter().collect();
+        let gained = held.iter().any(|t| !before.contains(t));
+        let lost: Vec<String> = state
+            .held
+            .iter()
+            .filter(|t| !held.contains(t))
+            .cloned()
+            .collect();
+        for target in lost {
+            tracing::warn!(target = %target, "Lost the lease of a target; another replica serves it now.");
+        }
+        state.held = held.clone();
+        gained
+    };
+    metrics::gauge!("orderbridge_outbox_targets_held").set(held.len() as f64);
+    let running: Vec<(i64, i32)> = shared
+        .state()
+        .in_flight
+        .iter()
+        .map(|(id, f)| (*id, f.attempt))
+        .collect();
+    store::renew_job_leases(
+        &shared.pool,
+        &shared.owner,
+        &running,
+        shared.lease_until(shared.config.job_lease),
+    )
+    .await?;
+    let max_failures = i32::try_from(shared.config.schedule.max_failures()).unwrap_or(i32::MAX);
+    let reaped = store::reap_expired(&shared.pool, &held, now, max_failures).await?;
+    if reaped > 0 {
+        tracing::warn!(
+            jobs = reaped,
+            "Reclaimed jobs whose worker stopped renewing their lease."
+        );
+        metrics::counter!("orderbridge_outbox_reaped_total").increment(reaped);
+    }
+    if gained || reaped > 0 {
+        shared.wake.notify_one();
+    }
+    if with_gauges {
+        for (state, count) in store::depth(&shared.pool).await? {
+            metrics::gauge!("orderbridge_outbox_jobs", "state" => state).set(count as f64);
+        }
+    }
+    Ok(())
+}
+
+/// Listens for enqueue notifications; on a lost connection the polling
+/// fallback covers the gap and the listener reconnects.
+pub(super) async fn run_listener(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let mut listener = match connect(&shared).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "Cannot LISTEN for new outbox jobs; polling meanwhile.");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        // Anything enqueued while we were not listening is found by this wake.
+        shared.wake.notify_one();
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                next = listener.try_recv() => next,
+            };
+            match next {
+                Ok(Some(notification)) => {
+                    let target = notification.payload();
+                    let held = shared.state().held.iter().any(|t| t == target);
+                    if held {
+                        shared.wake.notify_one();
+                    } else {
+                        shared.beat_now.notify_one();
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!("The LISTEN connection was lost; reconnecting.");
+                    shared.wake.notify_one();
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "The LISTEN connection failed; reconnecting.");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn connect(shared: &Shared) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(&shared.pool).await?;
+    listener.listen(NOTIFY_CHANNEL).await?;
+    Ok(listener)
+}

@@ -1,0 +1,109 @@
+//! One rate limiter per target key (governor), shared by everything that calls
+//! the target. Quotas come from config; a target without a quota is not limited.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use crate::config::RateQuota;
+
+/// Permits are spaced a little wider than `per / requests`, so that clock
+/// granularity can never let one more request than the quota into any window.
+const SAFETY_MARGIN: f64 = 1.005;
+
+/// The limiters of one process, by target key.
+#[derive(Default)]
+pub struct Limiters {
+    quotas: HashMap<String, RateQuota>,
+    limiters: Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>,
+}
+
+impl Limiters {
+    pub fn new(quotas: impl IntoIterator<Item = (String, RateQuota)>) -> Self {
+        Limiters {
+            quotas: quotas.into_iter().collect(),
+            limiters: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The quota of a target, if it has one.
+    pub fn quota(&self, target: &str) -> Option<RateQuota> {
+        self.quotas.get(target).copied()
+    }
+
+    /// How many jobs of a target may be claimed ahead of their permits: about two
+    /// seconds of its quota, so waiting jobs never outlive their lease.
+    pub fn claim_cap(&self, target: &str, unlimited: usize) -> usize {
+        match self.quota(target) {
+            None => unlimited,
+            Some(q) => {
+                let per_s = f64::from(q.requests) / q.per.as_secs_f64().max(1e-3);
+                let two_seconds = (per_s * 2.0).ceil() as usize;
+                two_seconds.max(q.burst as usize).clamp(1, unlimited.max(1))
+            }
+        }
+    }
+
+    /// The shared limiter of a target, or `None` when it is unlimited.
+    pub fn limiter(&self, target: &str) -> Option<Arc<DefaultDirectRateLimiter>> {
+        let quota = self.quota(target)?;
+        let mut map = self
+            .limiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Some(
+            map.entry(target.to_string())
+                .or_insert_with(|| Arc::new(RateLimiter::direct(governor_quota(&quota))))
+                .clone(),
+        )
+    }
+}
+
+/// Converts a config quota into governor's: one permit every `per / requests`
+/// (plus the safety margin), at most `burst` at once.
+pub fn governor_quota(quota: &RateQuota) -> Quota {
+    let requests = quota.requests.max(1);
+    let period = quota.per.mul_f64(SAFETY_MARGIN) / requests;
+    let period = period.max(Duration::from_nanos(1));
+    let burst = NonZeroU32::new(quota.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_claims_to_two_seconds_of_quota() {
+        let limiters = Limiters::new([(
+            "amocrm:main".to_string(),
+            RateQuota {
+                requests: 7,
+                per: Duration::from_secs(1),
+                burst: 1,
+            },
+        )]);
+        assert_eq!(limiters.claim_cap("amocrm:main", 64), 14);
+        assert_eq!(limiters.claim_cap("kaspi:shop", 64), 64);
+        assert!(limiters.limiter("kaspi:shop").is_none());
+        let a = limiters.limiter("amocrm:main");
+        let b = limiters.limiter("amocrm:main");
+        assert!(matches!((a, b), (Some(a), Some(b)) if Arc::ptr_eq(&a, &b)));
+    }
+
+    #[test]
+    fn quota_period_is_never_shorter_than_the_contract() {
+        let q = governor_quota(&RateQuota {
+            requests: 7,
+            per: Duration::from_secs(1),
+            burst: 1,
+        });
+        assert!(q.replenish_interval() * 7 > Duration::from_secs(1));
+        assert_eq!(q.burst_size().get(), 1);
+    }
+}

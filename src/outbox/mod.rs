@@ -1,0 +1,311 @@
+//! The outbox engine: durable jobs in PostgreSQL, run at least once, never two
+//! of one ordering key at a time, never faster than the target allows.
+//!
+//! - [`enqueue`] inside the caller's transaction, deduplicated by key;
+//! - [`Engine`]: claims due jobs of the targets whose lease this replica holds
+//!   (`claim`), runs them through the target's rate limiter (`run`), and writes
+//!   the outcomes in batches, fenced by attempt number (`finish`);
+//! - `heartbeat`: target leases, job-lease renewal and reaping of jobs whose worker died;
+//! - [`retry`]: what an outcome means and when the next attempt runs;
+//! - [`limits`]: one governor limiter per target.
+//!
+//! All SQL is in [`crate::store::outbox`].
+
+pub mod clock;
+mod dispatch;
+mod finish;
+mod heartbeat;
+pub mod limits;
+pub mod retry;
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{OutboxSettings, RateQuota};
+pub use crate::store::outbox::{Enqueued, NewJob};
+use crate::store::StoreError;
+use clock::{Clock, SystemClock};
+use limits::Limiters;
+pub use retry::{RetryAction, RetryCause, RetrySchedule};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no handler is registered for job kind `{0}`")]
+    UnknownKind(String),
+}
+
+/// Enqueues a job in the caller's transaction: it becomes visible (and wakes the
+/// workers) only when the caller commits.
+pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> Result<Enqueued, OutboxError> {
+    Ok(crate::store::outbox::enqueue(conn, job).await?)
+}
+
+/// Enqueues a batch of jobs in the caller's transaction, in one statement.
+pub async fn enqueue_many(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<u64, OutboxError> {
+    Ok(crate::store::outbox::enqueue_many(conn, jobs).await?)
+}
+
+/// What a handler sees of its job.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    pub id: i64,
+    pub kind: String,
+    pub target: String,
+    pub ordering_key: String,
+    pub payload: serde_json::Value,
+    /// 1 for the first attempt.
+    pub attempt: i32,
+}
+
+/// Runs jobs of one kind. `run` does the work; `classify` says what an error
+/// means (the connector's knowledge), separately from the backoff mechanics.
+pub trait Handler: Send + Sync + 'static {
+    type Error: Display + Send;
+    fn run(&self, job: &JobContext) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn classify(&self, error: &Self::Error) -> RetryAction;
+}
+
+/// Object-safe form of [`Handler`], used by the engine.
+trait ErasedHandler: Send + Sync {
+    fn call<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, RetryAction>;
+}
+
+impl<H: Handler> ErasedHandler for H {
+    fn call<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, RetryAction> {
+        async move {
+            match self.run(job).await {
+                Ok(()) => RetryAction::Success,
+                Err(error) => self.classify(&error),
+            }
+        }
+        .boxed()
+    }
+}
+
+/// The engine's tunables (from `[outbox]` in config).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub concurrency: usize,
+    pub claim_batch: u32,
+    pub job_lease: Duration,
+    pub poll_interval: Duration,
+    pub handler_timeout: Duration,
+    pub shutdown_deadline: Duration,
+    pub target_lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    pub schedule: RetrySchedule,
+}
+
+impl EngineConfig {
+    pub fn from_settings(settings: &OutboxSettings) -> Self {
+        EngineConfig {
+            concurrency: settings.concurrency,
+            claim_batch: settings.claim_batch,
+            job_lease: settings.job_lease,
+            poll_interval: settings.poll_interval,
+            handler_timeout: settings.handler_timeout,
+            shutdown_deadline: settings.shutdown_deadline,
+            target_lease_ttl: settings.target_lease_ttl,
+            heartbeat_interval: settings.heartbeat_interval,
+            schedule: RetrySchedule::new(&settings.retry),
+        }
+    }
+}
+
+/// Builds an [`Engine`].
+pub struct EngineBuilder {
+    pool: PgPool,
+    config: EngineConfig,
+    owner: String,
+    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    quotas: Vec<(String, RateQuota)>,
+    clock: Arc<dyn Clock>,
+}
+
+impl EngineBuilder {
+    /// Registers the handler of a job kind.
+    pub fn handler<H: Handler>(mut self, kind: &str, handler: H) -> Self {
+        self.handlers.insert(kind.to_string(), Arc::new(handler));
+        self
+    }
+
+    /// Limits a target to a quota.
+    pub fn quota(mut self, target: &str, quota: RateQuota) -> Self {
+        self.quotas.push((target.to_string(), quota));
+        self
+    }
+
+    pub fn quotas(mut self, quotas: impl IntoIterator<Item = (String, RateQuota)>) -> Self {
+        self.quotas.extend(quotas);
+        self
+    }
+
+    /// This replica's name in leases (default: host name, pid and a random suffix).
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = owner.into();
+        self
+    }
+
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn build(self) -> Engine {
+        Engine {
+            shared: Arc::new(Shared {
+                pool: self.pool,
+                config: self.config,
+                owner: self.owner,
+                handlers: self.handlers,
+                limiters: Limiters::new(self.quotas),
+                clock: self.clock,
+                wake: tokio::sync::Notify::new(),
+                beat_now: tokio::sync::Notify::new(),
+                state: std::sync::Mutex::new(RunState::default()),
+            }),
+        }
+    }
+}
+
+/// A job this replica has claimed and not yet finished.
+#[derive(Debug, Clone)]
+struct InFlight {
+    attempt: i32,
+    target: String,
+    kind: String,
+    started_at: chrono::DateTime<chrono::Utc>,
+    /// Its outcome has been handed to the finisher.
+    reported: bool,
+}
+
+/// What the engine's tasks share in memory.
+#[derive(Default)]
+struct RunState {
+    /// Targets whose lease this replica holds.
+    held: Vec<String>,
+    in_flight: HashMap<i64, InFlight>,
+    per_target: HashMap<String, usize>,
+}
+
+struct Shared {
+    pool: PgPool,
+    config: EngineConfig,
+    owner: String,
+    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    limiters: Limiters,
+    clock: Arc<dyn Clock>,
+    /// Wakes the dispatcher (new work, freed capacity, new targets).
+    wake: tokio::sync::Notify,
+    /// Wakes the heartbeat (a notification named a target not held yet).
+    beat_now: tokio::sync::Notify,
+    state: std::sync::Mutex<RunState>,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lease_until(&self, ttl: Duration) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
+    }
+}
+
+/// The outbox engine of one replica.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    pub fn builder(pool: PgPool, config: EngineConfig) -> EngineBuilder {
+        EngineBuilder {
+            pool,
+            config,
+            owner: default_owner(),
+            handlers: HashMap::new(),
+            quotas: Vec::new(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// This replica's name in leases.
+    pub fn owner(&self) -> &str {
+        &self.shared.owner
+    }
+
+    /// Targets this replica holds now.
+    pub fn held_targets(&self) -> Vec<String> {
+        self.shared.state().held.clone()
+    }
+
+    /// Jobs claimed and not finished yet.
+    pub fn in_flight(&self) -> usize {
+        self.shared.state().in_flight.len()
+    }
+
+    /// Asks the dispatcher to look for work now (as a notification would).
+    pub fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Runs until `shutdown` is cancelled: then stops claiming, lets running jobs
+    /// finish within the shutdown deadline, releases the rest and the target
+    /// leases, and returns.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), OutboxError> {
+        let (finish_tx, finish_rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop_background = CancellationToken::new();
+        let finisher = tokio::spawn(finish::run_finisher(self.shared.clone(), finish_rx));
+        let heartbeat = tokio::spawn(heartbeat::run_heartbeat(
+            self.shared.clone(),
+            stop_background.clone(),
+        ));
+        let listener = tokio::spawn(heartbeat::run_listener(
+            self.shared.clone(),
+            stop_background.clone(),
+        ));
+        let result = dispatch::run_dispatcher(self.shared.clone(), finish_tx, shutdown).await;
+        // The dispatcher dropped its sender once every job was finished or released:
+        // the finisher writes what is left and ends. If the database is away it may
+        // not manage; those jobs stay leased and are reaped once their lease expires.
+        let mut finisher = finisher;
+        match tokio::time::timeout(self.shared.config.shutdown_deadline, &mut finisher).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "The outbox finisher task failed."),
+            Err(_) => {
+                finisher.abort();
+                tracing::error!("Could not write the last job outcomes before the deadline; those jobs will run again after their lease expires.");
+            }
+        }
+        stop_background.cancel();
+        let _ = heartbeat.await;
+        let _ = listener.await;
+        match crate::store::outbox::release_targets(&self.shared.pool, &self.shared.owner).await {
+            Ok(n) => tracing::info!(released_targets = n, "Outbox engine stopped."),
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not release target leases; they will expire.")
+            }
+        }
+        result
+    }
+}
+
+fn default_owner() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_string());
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}

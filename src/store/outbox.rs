@@ -1,0 +1,705 @@
+//! SQL of the outbox engine: enqueue (with dedupe), claim (FOR UPDATE SKIP
+//! LOCKED, per-key FIFO, under a target lease), completion (fenced by attempt
+//! number, batched), lease renewal and reaping, target leases, dead letters.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value as Json;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+use super::StoreError;
+
+/// The channel enqueue notifies on; the payload is the job's target.
+pub const NOTIFY_CHANNEL: &str = "orderbridge_outbox";
+
+/// A job to enqueue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// Handler name.
+    pub kind: String,
+    /// Rate-limit and lease key: `amocrm:main`, `kaspi:shop1`, …
+    pub target: String,
+    /// Jobs sharing it run one at a time, oldest first (usually the order).
+    pub ordering_key: String,
+    /// While a job with this key is pending, enqueue refreshes its payload instead of adding one.
+    pub dedupe_key: Option<String>,
+    pub payload: Json,
+    /// Not before this time (`None`: now).
+    pub run_at: Option<DateTime<Utc>>,
+}
+
+/// What enqueue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: i64,
+    /// `false` when an existing pending job with the same dedupe key was refreshed.
+    pub inserted: bool,
+}
+
+/// A job claimed by a worker.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedJob {
+    pub id: i64,
+    pub kind: String,
+    pub target: String,
+    pub ordering_key: String,
+    pub payload: Json,
+    /// This attempt's number (1-based); also the fencing token.
+    pub attempts: i32,
+    /// Failed attempts before this one.
+    pub failures: i32,
+}
+
+/// How an attempt ended, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    Success,
+    /// Back to pending, due at `run_at`.
+    Retry {
+        run_at: DateTime<Utc>,
+        error: String,
+    },
+    Dead {
+        error: String,
+    },
+    /// Given back unfinished (shutdown); not counted as a failure.
+    Released,
+}
+
+impl Finish {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Finish::Success => "success",
+            Finish::Retry { .. } => "retry",
+            Finish::Dead { .. } => "dead",
+            Finish::Released => "released",
+        }
+    }
+}
+
+/// The end of one attempt, written in batches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub job_id: i64,
+    pub attempt: i32,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub finish: Finish,
+}
+
+/// A dead-lettered job.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeadJob {
+    pub id: i64,
+    pub kind: String,
+    pub target: String,
+    pub ordering_key: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One recorded attempt.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRecord {
+    pub job_id: i64,
+    pub attempt: i32,
+    pub kind: String,
+    pub target: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+/// A job's stored state (for the CLI and tests).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRow {
+    pub id: i64,
+    pub kind: String,
+    pub target: String,
+    pub ordering_key: String,
+    pub dedupe_key: Option<String>,
+    pub payload: Json,
+    pub state: String,
+    pub attempts: i32,
+    pub failures: i32,
+    pub run_at: Option<DateTime<Utc>>,
+    pub locked_by: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// Enqueues one job inside the caller's transaction (or on a plain connection).
+/// Nothing is visible to workers until the caller commits; a rollback leaves no job.
+pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> Result<Enqueued, StoreError> {
+    let row: (i64, bool) = sqlx::query_as(
+        "WITH target_row AS (
+             INSERT INTO outbox_target_leases (target) VALUES ($2) ON CONFLICT DO NOTHING
+         )
+         INSERT INTO outbox_jobs (kind, target, ordering_key, dedupe_key, payload, run_at)
+         SELECT $1, $2, $3, $4, $5, $6 FROM (SELECT pg_notify($7, $2)) AS wake
+         ON CONFLICT (dedupe_key) WHERE state = 'pending' AND dedupe_key IS NOT NULL
+         DO UPDATE SET payload = EXCLUDED.payload, updated_at = now()
+         RETURNING id, (xmax = 0) AS inserted",
+    )
+    .bind(&job.kind)
+    .bind(&job.target)
+    .bind(&job.ordering_key)
+    .bind(&job.dedupe_key)
+    .bind(&job.payload)
+    .bind(job.run_at)
+    .bind(NOTIFY_CHANNEL)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Enqueued {
+        id: row.0,
+        inserted: row.1,
+    })
+}
+
+/// Enqueues many jobs in one statement (same semantics as [`enqueue`]; among
+/// jobs of this batch sharing a dedupe key, the last payload wins).
+pub async fn enqueue_many(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<u64, StoreError> {
+    if jobs.is_empty() {
+        return Ok(0);
+    }
+    // ON CONFLICT cannot touch one row twice in a statement: fold duplicates first.
+    let mut position: std::collections::HashMap<&str, usize> = Default::default();
+    let mut batch: Vec<&NewJob> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match job.dedupe_key.as_deref() {
+            Some(key) => match position.get(key) {
+                Some(&i) => batch[i] = job,
+                None => {
+                    position.insert(key, batch.len());
+                    batch.push(job);
+                }
+            },
+            None => batch.push(job),
+        }
+    }
+    let kinds: Vec<&str> = batch.iter().map(|j| j.kind.as_str()).collect();
+    let targets: Vec<&str> = batch.iter().map(|j| j.target.as_str()).collect();
+    let ordering: Vec<&str> = batch.iter().map(|j| j.ordering_key.as_str()).collect();
+    let dedupe: Vec<Option<&str>> = batch.iter().map(|j| j.dedupe_key.as_deref()).collect();
+    let payloads: Vec<&Json> = batch.iter().map(|j| &j.payload).collect();
+    let run_at: Vec<Option<DateTime<Utc>>> = batch.iter().map(|j| j.run_at).collect();
+    let result = sqlx::query(
+        "WITH target_rows AS (
+             INSERT INTO outbox_target_leases (target)
+             SELECT DISTINCT t FROM unnest($2::text[]) AS t ON CONFLICT DO NOTHING
+         ), wake AS (
+             SELECT count(pg_notify($7, t)) AS n FROM (SELECT DISTINCT unnest($2::text[]) AS t) AS d
+         )
+         INSERT INTO outbox_jobs (kind, target, ordering_key, dedupe_key, payload, run_at)
+         SELECT k, t, o, d, p, r
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::timestamptz[])
+              WITH ORDINALITY AS j(k, t, o, d, p, r, n), wake
+         ORDER BY j.n
+         ON CONFLICT (dedupe_key) WHERE state = 'pending' AND dedupe_key IS NOT NULL
+         DO UPDATE SET payload = EXCLUDED.payload, updated_at = now()",
+    )
+    .bind(&kinds)
+    .bind(&targets)
+    .bind(&ordering)
+    .bind(&dedupe)
+    .bind(&payloads)
+    .bind(&run_at)
+    .bind(NOTIFY_CHANNEL)
+    .execute(&mut *conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Claims up to `limit` due jobs of `target` for `owner`, but only while `owner`
+/// holds the target's lease. A job is due when it is pending, its `run_at` has
+/// passed, and no earlier job with its ordering key is still pending or running.
+pub async fn claim(
+    pool: &PgPool,
+    target: &str,
+    owner: &str,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<ClaimedJob>, StoreError> {
+    let jobs = sqlx::query_as::<_, ClaimedJob>(
+        "WITH candidates AS (
+             SELECT j.id FROM outbox_jobs j
+             WHERE j.target = $1 AND j.state = 'pending'
+               AND (j.run_at IS NULL OR j.run_at <= $3)
+               AND EXISTS (SELECT 1 FROM outbox_target_leases l
+                           WHERE l.target = $1 AND l.owner = $2 AND l.expires_at > $3)
+               AND NOT EXISTS (SELECT 1 FROM outbox_jobs e
+                               WHERE e.ordering_key = j.ordering_key AND e.id < j.id
+                                 AND e.state IN ('pending', 'running'))
+             ORDER BY j.id
+             LIMIT $5
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE outbox_jobs j
+         SET state = 'running', attempts = j.attempts + 1, locked_by = $2,
+             lease_until = $4, started_at = $3, updated_at = now()
+         FROM candidates c WHERE j.id = c.id
+         RETURNING j.id, j.kind, j.target, j.ordering_key, j.payload, j.attempts, j.failures",
+    )
+    .bind(target)
+    .bind(owner)
+    .bind(now)
+    .bind(lease_until)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(jobs)
+}
+
+/// Writes a batch of attempt endings. Each is fenced: it applies only while the
+/// job is still running under `owner` with the same attempt number, so a worker
+/// that lost its lease cannot overwrite the new owner's outcome. Returns the ids
+/// whose completion was applied.
+pub async fn complete(
+    pool: &PgPool,
+    owner: &str,
+    completions: &[Completion],
+) -> Result<Vec<i64>, StoreError> {
+    let (successes, others): (Vec<&Completion>, Vec<&Completion>) = completions
+        .iter()
+        .partition(|c| matches!(c.finish, Finish::Success));
+    let mut applied = Vec::with_capacity(completions.len());
+    if !successes.is_empty() {
+        let ids: Vec<i64> = successes.iter().map(|c| c.job_id).collect();
+        let attempts: Vec<i32> = successes.iter().map(|c| c.attempt).collect();
+        let started: Vec<DateTime<Utc>> = successes.iter().map(|c| c.started_at).collect();
+        let finished: Vec<DateTime<Utc>> = successes.iter().map(|c| c.finished_at).collect();
+        let done: Vec<i64> = sqlx::query_scalar(
+            "WITH f AS (
+                 SELECT * FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::timestamptz[])
+                     AS f(id, attempt, started_at, finished_at)
+             ), d AS (
+                 DELETE FROM outbox_jobs j USING f
+                 WHERE j.id = f.id AND j.attempts = f.attempt AND j.state = 'running' AND j.locked_by = $5
+                 RETURNING j.id, j.attempts, j.kind, j.target, j.ordering_key
+             )
+             INSERT INTO outbox_attempts (job_id, attempt, kind, target, ordering_key, started_at, finished_at, outcome)
+             SELECT d.id, d.attempts, d.kind, d.target, d.ordering_key, f.started_at, f.finished_at, 'success'
+             FROM d JOIN f ON f.id = d.id
+             RETURNING job_id",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&started)
+        .bind(&finished)
+        .bind(owner)
+        .fetch_all(pool)
+        .await?;
+        applied.extend(done);
+    }
+    if !others.is_empty() {
+        let mut tx = pool.begin().await?;
+        applied.extend(finish_unsuccessful(&mut tx, owner, &others).await?);
+        tx.commit().await?;
+    }
+    Ok(applied)
+}
+
+async fn finish_unsuccessful(
+    tx: &mut Transaction<'_, Postgres>,
+    owner: &str,
+    batch: &[&Completion],
+) -> Result<Vec<i64>, StoreError> {
+    let ids: Vec<i64> = batch.iter().map(|c| c.job_id).collect();
+    let attempts: Vec<i32> = batch.iter().map(|c| c.attempt).collect();
+    let started: Vec<DateTime<Utc>> = batch.iter().map(|c| c.started_at).collect();
+    let finished: Vec<DateTime<Utc>> = batch.iter().map(|c| c.finished_at).collect();
+    let outcomes: Vec<&str> = batch.iter().map(|c| c.finish.outcome()).collect();
+    let run_at: Vec<Option<DateTime<Utc>>> = batch
+        .iter()
+        .map(|c| match &c.finish {
+            Finish::Retry { run_at, .. } => Some(*run_at),
+            _ => None,
+        })
+        .collect();
+    let errors: Vec<Option<&str>> = batch
+        .iter()
+        .map(|c| match &c.finish {
+            Finish::Retry { error, .. } | Finish::Dead { error } => Some(error.as_str()),
+            Finish::Success | Finish::Released => None,
+        })
+        .collect();
+
+    // A job going back to pending while a newer pending job holds its dedupe key
+    // is folded into that job (same intent, level-triggered): the newer job takes
+    // over the backoff and failure count, the older one is removed.
+    let mut applied: Vec<i64> = sqlx::query_scalar(
+        "WITH f AS (
+             SELECT * FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::timestamptz[],
+                                  $5::text[], $6::timestamptz[], $7::text[])
+                 AS f(id, attempt, started_at, finished_at, outcome, run_at, error)
+         ), dup AS (
+             SELECT j.id AS mine, p.id AS sibling, f.run_at,
+                    j.failures + CASE WHEN f.outcome = 'released' THEN 0 ELSE 1 END AS failures
+             FROM f
+             JOIN outbox_jobs j ON j.id = f.id AND j.attempts = f.attempt
+                               AND j.state = 'running' AND j.locked_by = $8
+             JOIN outbox_jobs p ON p.dedupe_key = j.dedupe_key AND p.state = 'pending' AND p.id <> j.id
+             WHERE f.outcome IN ('retry', 'released')
+         ), merged AS (
+             UPDATE outbox_jobs p
+             SET run_at = CASE WHEN dup.run_at IS NULL THEN p.run_at
+                               ELSE GREATEST(COALESCE(p.run_at, '-infinity'), dup.run_at) END,
+                 failures = GREATEST(p.failures, dup.failures), updated_at = now()
+             FROM dup WHERE p.id = dup.sibling
+         ), removed AS (
+             DELETE FROM outbox_jobs j USING dup WHERE j.id = dup.mine
+             RETURNING j.id, j.attempts, j.kind, j.target, j.ordering_key
+         )
+         INSERT INTO outbox_attempts (job_id, attempt, kind, target, ordering_key, started_at, finished_at, outcome, error)
+         SELECT r.id, r.attempts, r.kind, r.target, r.ordering_key, f.started_at, f.finished_at, f.outcome,
+                concat_ws(' ', f.error, '(folded into a newer pending job with the same dedupe key)')
+         FROM removed r JOIN f ON f.id = r.id
+         RETURNING job_id",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&started)
+    .bind(&finished)
+    .bind(&outcomes)
+    .bind(&run_at)
+    .bind(&errors)
+    .bind(owner)
+    .fetch_all(&mut **tx)
+    .await?;
+
+    let rest: Vec<i64> = sqlx::query_scalar(
+        "WITH f AS (
+             SELECT * FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::timestamptz[],
+                                  $5::text[], $6::timestamptz[], $7::text[])
+                 AS f(id, attempt, started_at, finished_at, outcome, run_at, error)
+         ), u AS (
+             UPDATE outbox_jobs j
+             SET state = CASE WHEN f.outcome = 'dead' THEN 'dead' ELSE 'pending' END,
+                 failures = j.failures + CASE WHEN f.outcome = 'released' THEN 0 ELSE 1 END,
+                 run_at = f.run_at,
+                 last_error = COALESCE(f.error, j.last_error),
+                 locked_by = NULL, lease_until = NULL, updated_at = now()
+             FROM f
+             WHERE j.id = f.id AND j.attempts = f.attempt AND j.state = 'running' AND j.locked_by = $8
+             RETURNING j.id, j.attempts, j.kind, j.target, j.ordering_key
+         )
+         INSERT INTO outbox_attempts (job_id, attempt, kind, target, ordering_key, started_at, finished_at, outcome, error)
+         SELECT u.id, u.attempts, u.kind, u.target, u.ordering_key, f.started_at, f.finished_at, f.outcome, f.error
+         FROM u JOIN f ON f.id = u.id
+         RETURNING job_id",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&started)
+    .bind(&finished)
+    .bind(&outcomes)
+    .bind(&run_at)
+    .bind(&errors)
+    .bind(owner)
+    .fetch_all(&mut **tx)
+    .await?;
+    applied.extend(rest);
+    Ok(applied)
+}
+
+/// Extends the leases of jobs `owner` is still running (id, attempt pairs).
+pub async fn renew_job_leases(
+    pool: &PgPool,
+    owner: &str,
+    running: &[(i64, i32)],
+    lease_until: DateTime<Utc>,
+) -> Result<u64, StoreError> {
+    if running.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<i64> = running.iter().map(|r| r.0).collect();
+    let attempts: Vec<i32> = running.iter().map(|r| r.1).collect();
+    let result = sqlx::query(
+        "UPDATE outbox_jobs j SET lease_until = $4
+         FROM unnest($1::bigint[], $2::int[]) AS f(id, attempt)
+         WHERE j.id = f.id AND j.attempts = f.attempt AND j.state = 'running' AND j.locked_by = $3",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(owner)
+    .bind(lease_until)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Returns jobs of `targets` whose lease expired (their worker died) to pending,
+/// recording the lost attempt as a failure; a job out of attempts is dead-lettered.
+/// Returns how many jobs were reaped.
+pub async fn reap_expired(
+    pool: &PgPool,
+    targets: &[String],
+    now: DateTime<Utc>,
+    max_failures: i32,
+) -> Result<u64, StoreError> {
+    if targets.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await?;
+    // Expired jobs whose dedupe key has a newer pending job are folded into it.
+    let folded = sqlx::query(
+        "WITH x AS (
+             SELECT j.id, p.id AS sibling, j.failures + 1 AS failures
+             FROM outbox_jobs j
+             JOIN outbox_jobs p ON p.dedupe_key = j.dedupe_key AND p.state = 'pending' AND p.id <> j.id
+             WHERE j.target = ANY($1) AND j.state = 'running' AND j.lease_until < $2
+             FOR UPDATE OF j SKIP LOCKED
+         ), merged AS (
+             UPDATE outbox_jobs p SET failures = GREATEST(p.failures, x.failures), updated_at = now()
+             FROM x WHERE p.id = x.sibling
+         ), removed AS (
+             DELETE FROM outbox_jobs j USING x WHERE j.id = x.id
+             RETURNING j.id, j.attempts, j.kind, j.target, j.ordering_key, j.started_at
+         )
+         INSERT INTO outbox_attempts (job_id, attempt, kind, target, ordering_key, started_at, finished_at, outcome, error)
+         SELECT id, attempts, kind, target, ordering_key, COALESCE(started_at, $2), $2, 'lease_expired',
+                'lease expired: the worker stopped renewing it (folded into a newer pending job)'
+         FROM removed",
+    )
+    .bind(targets)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let reaped = sqlx::query(
+        "WITH x AS (
+             SELECT id FROM outbox_jobs
+             WHERE target = ANY($1) AND state = 'running' AND lease_until < $2
+             FOR UPDATE SKIP LOCKED
+         ), u AS (
+             UPDATE outbox_jobs j
+             SET state = CASE WHEN j.failures + 1 >= $3 THEN 'dead' ELSE 'pending' END,
+                 failures = j.failures + 1,
+                 last_error = 'lease expired: the worker running attempt ' || j.attempts || ' stopped renewing it',
+                 locked_by = NULL, lease_until = NULL, run_at = NULL, updated_at = now()
+             FROM x WHERE j.id = x.id
+             RETURNING j.id, j.attempts, j.kind, j.target, j.ordering_key, j.started_at, j.last_error
+         )
+         INSERT INTO outbox_attempts (job_id, attempt, kind, target, ordering_key, started_at, finished_at, outcome, error)
+         SELECT id, attempts, kind, target, ordering_key, COALESCE(started_at, $2), $2, 'lease_expired', last_error
+         FROM u",
+    )
+    .bind(targets)
+    .bind(now)
+    .bind(max_failures)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(folded + reaped)
+}
+
+/// Renews `owner`'s target leases and takes free or expired ones. Returns every
+/// target `owner` holds afterwards.
+pub async fn acquire_targets(
+    pool: &PgPool,
+    owner: &str,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> Result<Vec<String>, StoreError> {
+    let held = sqlx::query_scalar(
+        "UPDATE outbox_target_leases SET owner = $1, expires_at = $3
+         WHERE owner = $1 OR owner IS NULL OR expires_at <= $2
+         RETURNING target",
+    )
+    .bind(owner)
+    .bind(now)
+    .bind(expires_at)
+    .fetch_all(pool)
+    .await?;
+    Ok(held)
+}
+
+/// Gives up every target lease of `owner` at once (graceful shutdown).
+pub async fn release_targets(pool: &PgPool, owner: &str) -> Result<u64, StoreError> {
+    let result = sqlx::query(
+        "UPDATE outbox_target_leases SET owner = NULL, expires_at = '-infinity' WHERE owner = $1",
+    )
+    .bind(owner)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Who holds a target's lease, if anyone holds it now.
+pub async fn target_owner(
+    pool: &PgPool,
+    target: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<String>, StoreError> {
+    let owner: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT owner FROM outbox_target_leases WHERE target = $1 AND expires_at > $2",
+    )
+    .bind(target)
+    .bind(now)
+    .fetch_optional(pool)
+    .await?;
+    Ok(owner.flatten())
+}
+
+/// Jobs by state (`pending`, `running`, `dead`).
+pub async fn depth(pool: &PgPool) -> Result<Vec<(String, i64)>, StoreError> {
+    let rows =
+        sqlx::query_as("SELECT state, count(*) FROM outbox_jobs GROUP BY state ORDER BY state")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows)
+}
+
+/// Dead-lettered jobs, newest first.
+pub async fn list_dead(pool: &PgPool, limit: i64) -> Result<Vec<DeadJob>, StoreError> {
+    let rows = sqlx::query_as(
+        "SELECT id, kind, target, ordering_key, attempts, last_error, created_at, updated_at
+         FROM outbox_jobs WHERE state = 'dead' ORDER BY updated_at DESC, id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// What replaying a dead job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Back in the queue with a fresh retry schedule.
+    Requeued,
+    /// A pending job with the same dedupe key already carries the same intent;
+    /// the dead one was removed.
+    Superseded {
+        by: i64,
+    },
+    NotFound,
+}
+
+/// Puts one dead job back in the queue.
+pub async fn replay_dead(pool: &PgPool, id: i64) -> Result<Replay, StoreError> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(Option<String>, String)> = sqlx::query_as(
+        "SELECT dedupe_key, target FROM outbox_jobs WHERE id = $1 AND state = 'dead' FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((dedupe_key, target)) = row else {
+        return Ok(Replay::NotFound);
+    };
+    if let Some(key) = dedupe_key {
+        let sibling: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM outbox_jobs WHERE dedupe_key = $1 AND state = 'pending'",
+        )
+        .bind(&key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(by) = sibling {
+            record_and_delete(&mut tx, id, "superseded by pending job on replay").await?;
+            tx.commit().await?;
+            return Ok(Replay::Superseded { by });
+        }
+    }
+    sqlx::query(
+        "UPDATE outbox_jobs SET state = 'pending', failures = 0, run_at = NULL, updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(NOTIFY_CHANNEL)
+        .bind(&target)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Replay::Requeued)
+}
+
+/// Replays every dead job; returns (requeued, superseded).
+pub async fn replay_all_dead(pool: &PgPool) -> Result<(u64, u64), StoreError> {
+    let ids: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM outbox_jobs WHERE state = 'dead' ORDER BY id")
+            .fetch_all(pool)
+            .await?;
+    let (mut requeued, mut superseded) = (0, 0);
+    for id in ids {
+        match replay_dead(pool, id).await? {
+            Replay::Requeued => requeued += 1,
+            Replay::Superseded { .. } => superseded += 1,
+            Replay::NotFound => {}
+        }
+    }
+    Ok((requeued, superseded))
+}
+
+/// Removes a dead job for good (its attempts stay, plus a `discarded` record).
+pub async fn discard_dead(pool: &PgPool, id: i64) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let found = record_and_delete(&mut tx, id, "discarded by an operator").await?;
+    tx.commit().await?;
+    Ok(found)
+}
+
+async fn record_and_delete(
+    tx: &mut Transaction<'_, Postgres>,
+    id: i64,
+    why: &str,
+) -> Result<bool, StoreError> {
+    let deleted = sqlx::query(
+        "WITH d AS (
+             DELETE FROM outbox_jobs WHERE id = $1 AND state = 'dead'
+             RETURNING id, attempts, kind, target, ordering_key, last_error
+         )
+         INSERT INTO outbox_attempts (job_id, attempt, kind, target, ordering_key, started_at, finished_at, outcome, error)
+         SELECT id, attempts, kind, target, ordering_key, now(), now(), 'discarded',
+                $2 || COALESCE(' (last error: ' || last_error || ')', '')
+         FROM d",
+    )
+    .bind(id)
+    .bind(why)
+    .execute(&mut **tx)
+    .await?;
+    Ok(deleted.rows_affected() > 0)
+}
+
+/// One job's stored row.
+pub async fn job(pool: &PgPool, id: i64) -> Result<Option<JobRow>, StoreError> {
+    let row = sqlx::query_as(
+        "SELECT id, kind, target, ordering_key, dedupe_key, payload, state, attempts, failures,
+                run_at, locked_by, last_error
+         FROM outbox_jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row)
+}
+
+/// Every job in the table with `state`, oldest first.
+pub async fn jobs_in_state(pool: &PgPool, state: &str) -> Result<Vec<JobRow>, StoreError> {
+    let rows = sqlx::query_as(
+        "SELECT id, kind, target, ordering_key, dedupe_key, payload, state, attempts, failures,
+                run_at, locked_by, last_error
+         FROM outbox_jobs WHERE state = $1 ORDER BY id",
+    )
+    .bind(state)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// The recorded attempts of one job, in order.
+pub async fn attempts_of(pool: &PgPool, job_id: i64) -> Result<Vec<AttemptRecord>, StoreError> {
+    let rows = sqlx::query_as(
+        "SELECT job_id, attempt, kind, target, started_at, finished_at, outcome, error
+         FROM outbox_attempts WHERE job_id = $1 ORDER BY attempt, finished_at",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
