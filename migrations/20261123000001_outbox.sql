@@ -58,3 +58,10 @@ CREATE TABLE outbox_target_leases (
     owner      TEXT,
     expires_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity'
 );
+
+-- Live replicas, so that targets are shared fairly: each replica holds at most
+-- ceil(targets / live replicas) target leases and gives back the excess.
+CREATE TABLE outbox_replicas (
+    owner     TEXT PRIMARY KEY,
+    last_seen TIMESTAMPTZ NOT NULL
+);

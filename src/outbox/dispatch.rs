@@ -137,7 +137,15 @@ async fn claim_round(
     tasks: &mut JoinSet<()>,
     finish_tx: &UnboundedSender<Finished>,
 ) -> Result<bool, StoreError> {
-    let held = shared.state().held.clone();
+    let held: Vec<String> = {
+        let state = shared.state();
+        state
+            .held
+            .iter()
+            .filter(|t| !state.draining.contains(*t))
+            .cloned()
+            .collect()
+    };
     let mut maybe_more = false;
     for target in held {
         let (global_free, target_free) = {

@@ -3,7 +3,6 @@
 //! died, queue depth gauges; and the LISTEN/NOTIFY listener that wakes the
 //! dispatcher when jobs are enqueued.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,24 +32,51 @@ pub(super) async fn run_heartbeat(shared: Arc<Shared>, stop: CancellationToken) 
 
 async fn beat(shared: &Shared, with_gauges: bool) -> Result<(), StoreError> {
     let now = shared.clock.now();
-    let held = store::acquire_targets(
+    let ttl =
+        chrono::Duration::from_std(shared.config.target_lease_ttl).unwrap_or(chrono::Duration::MAX);
+    let (replicas, targets) =
+        store::replica_heartbeat(&shared.pool, &shared.owner, now, now - ttl).await?;
+    // Fair share: every live replica serves at most ceil(targets / replicas).
+    let share = (targets + replicas.max(1) - 1) / replicas.max(1);
+    let mut held = store::acquire_targets(
         &shared.pool,
         &shared.owner,
         now,
         shared.lease_until(shared.config.target_lease_ttl),
+        share,
     )
     .await?;
+    // Over the share (a replica joined): stop claiming the excess, and give each
+    // back once its running jobs are finished, so its limiter never has two owners.
+    let excess: Vec<String> = held.iter().skip(share.max(0) as usize).cloned().collect();
+    let releasable: Vec<String> = {
+        let mut state = shared.state();
+        state.draining.retain(|t| excess.contains(t));
+        for target in &excess {
+            state.draining.insert(target.clone());
+        }
+        excess
+            .iter()
+            .filter(|t| state.per_target.get(*t).copied().unwrap_or(0) == 0)
+            .cloned()
+            .collect()
+    };
+    if !releasable.is_empty() {
+        store::release_some_targets(&shared.pool, &shared.owner, &releasable).await?;
+        tracing::info!(targets = ?releasable, share, replicas, "Handed targets over to other replicas.");
+        held.retain(|t| !releasable.contains(t));
+    }
     let gained = {
         let mut state = shared.state();
-        let before: HashSet<&String> = state.held.iter().collect();
-        let gained = held.iter().any(|t| !before.contains(t));
-        let lost: Vec<String> = state
+        for target in &releasable {
+            state.draining.remove(target);
+        }
+        let gained = held.iter().any(|t| !state.held.contains(t));
+        for target in state
             .held
             .iter()
-            .filter(|t| !held.contains(t))
-            .cloned()
-            .collect();
-        for target in lost {
+            .filter(|t| !held.contains(t) && !releasable.contains(t))
+        {
             tracing::warn!(target = %target, "Lost the lease of a target; another replica serves it now.");
         }
         state.held = held.clone();

@@ -194,6 +194,8 @@ struct InFlight {
 struct RunState {
     /// Targets whose lease this replica holds.
     held: Vec<String>,
+    /// Held targets being handed over: no new claims, released once idle.
+    draining: std::collections::HashSet<String>,
     in_flight: HashMap<i64, InFlight>,
     per_target: HashMap<String, usize>,
 }
@@ -266,31 +268,39 @@ impl Engine {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), OutboxError> {
         let (finish_tx, finish_rx) = tokio::sync::mpsc::unbounded_channel();
         let stop_background = CancellationToken::new();
-        let finisher = tokio::spawn(finish::run_finisher(self.shared.clone(), finish_rx));
-        let heartbeat = tokio::spawn(heartbeat::run_heartbeat(
+        // Aborted if this future is dropped (a killed worker takes its tasks with it).
+        let mut finisher = AbortOnDrop(tokio::spawn(finish::run_finisher(
+            self.shared.clone(),
+            finish_rx,
+        )));
+        let heartbeat = AbortOnDrop(tokio::spawn(heartbeat::run_heartbeat(
             self.shared.clone(),
             stop_background.clone(),
-        ));
-        let listener = tokio::spawn(heartbeat::run_listener(
+        )));
+        let listener = AbortOnDrop(tokio::spawn(heartbeat::run_listener(
             self.shared.clone(),
             stop_background.clone(),
-        ));
+        )));
         let result = dispatch::run_dispatcher(self.shared.clone(), finish_tx, shutdown).await;
         // The dispatcher dropped its sender once every job was finished or released:
         // the finisher writes what is left and ends. If the database is away it may
         // not manage; those jobs stay leased and are reaped once their lease expires.
-        let mut finisher = finisher;
-        match tokio::time::timeout(self.shared.config.shutdown_deadline, &mut finisher).await {
+        match tokio::time::timeout(self.shared.config.shutdown_deadline, &mut finisher.0).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "The outbox finisher task failed."),
             Err(_) => {
-                finisher.abort();
+                finisher.0.abort();
                 tracing::error!("Could not write the last job outcomes before the deadline; those jobs will run again after their lease expires.");
             }
         }
         stop_background.cancel();
-        let _ = heartbeat.await;
-        let _ = listener.await;
+        let _ = heartbeat.join().await;
+        let _ = listener.join().await;
+        if let Err(e) =
+            crate::store::outbox::replica_gone(&self.shared.pool, &self.shared.owner).await
+        {
+            tracing::warn!(error = %e, "Could not deregister this replica; it will age out.");
+        }
         match crate::store::outbox::release_targets(&self.shared.pool, &self.shared.owner).await {
             Ok(n) => tracing::info!(released_targets = n, "Outbox engine stopped."),
             Err(e) => {
@@ -298,6 +308,21 @@ impl Engine {
             }
         }
         result
+    }
+}
+
+/// A task handle that aborts its task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

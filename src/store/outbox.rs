@@ -496,17 +496,50 @@ pub async fn reap_expired(
     Ok(folded + reaped)
 }
 
-/// Renews `owner`'s target leases and takes free or expired ones. Returns every
-/// target `owner` holds afterwards.
+/// Records that `owner` is alive and returns (live replicas, known targets).
+pub async fn replica_heartbeat(
+    pool: &PgPool,
+    owner: &str,
+    now: DateTime<Utc>,
+    alive_since: DateTime<Utc>,
+) -> Result<(i64, i64), StoreError> {
+    let row: (i64, i64) = sqlx::query_as(
+        "WITH me AS (
+             INSERT INTO outbox_replicas (owner, last_seen) VALUES ($1, $2)
+             ON CONFLICT (owner) DO UPDATE SET last_seen = EXCLUDED.last_seen
+         )
+         SELECT (SELECT count(*) FROM outbox_replicas WHERE last_seen > $3 AND owner <> $1) + 1,
+                (SELECT count(*) FROM outbox_target_leases)",
+    )
+    .bind(owner)
+    .bind(now)
+    .bind(alive_since)
+    .fetch_one(pool)
+    .await?;
+    Ok(row)
+}
+
+/// Forgets a replica (graceful shutdown).
+pub async fn replica_gone(pool: &PgPool, owner: &str) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM outbox_replicas WHERE owner = $1")
+        .bind(owner)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Renews `owner`'s unexpired target leases, then takes free or expired ones
+/// until it holds `share`. Returns every target `owner` holds afterwards.
 pub async fn acquire_targets(
     pool: &PgPool,
     owner: &str,
     now: DateTime<Utc>,
     expires_at: DateTime<Utc>,
+    share: i64,
 ) -> Result<Vec<String>, StoreError> {
-    let held = sqlx::query_scalar(
-        "UPDATE outbox_target_leases SET owner = $1, expires_at = $3
-         WHERE owner = $1 OR owner IS NULL OR expires_at <= $2
+    let mut held: Vec<String> = sqlx::query_scalar(
+        "UPDATE outbox_target_leases SET expires_at = $3
+         WHERE owner = $1 AND expires_at > $2
          RETURNING target",
     )
     .bind(owner)
@@ -514,7 +547,46 @@ pub async fn acquire_targets(
     .bind(expires_at)
     .fetch_all(pool)
     .await?;
+    let room = share - held.len() as i64;
+    if room > 0 {
+        let taken: Vec<String> = sqlx::query_scalar(
+            "WITH free AS (
+                 SELECT target FROM outbox_target_leases
+                 WHERE owner IS NULL OR expires_at <= $2
+                 ORDER BY target LIMIT $4
+                 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE outbox_target_leases l SET owner = $1, expires_at = $3
+             FROM free WHERE l.target = free.target
+             RETURNING l.target",
+        )
+        .bind(owner)
+        .bind(now)
+        .bind(expires_at)
+        .bind(room)
+        .fetch_all(pool)
+        .await?;
+        held.extend(taken);
+    }
+    held.sort();
     Ok(held)
+}
+
+/// Gives up some of `owner`'s target leases (its share shrank).
+pub async fn release_some_targets(
+    pool: &PgPool,
+    owner: &str,
+    targets: &[String],
+) -> Result<u64, StoreError> {
+    let result = sqlx::query(
+        "UPDATE outbox_target_leases SET owner = NULL, expires_at = '-infinity'
+         WHERE owner = $1 AND target = ANY($2)",
+    )
+    .bind(owner)
+    .bind(targets)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
 }
 
 /// Gives up every target lease of `owner` at once (graceful shutdown).

@@ -1,0 +1,192 @@
+//! Shared test helpers: a fresh migrated database per test, engine settings
+//! sized for tests, running engines that can be stopped or killed, and polling
+//! helpers that wait for a condition instead of sleeping and hoping.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use orderbridge::config::RetrySettings;
+use orderbridge::outbox::clock::{Clock, ManualClock};
+use orderbridge::outbox::{Engine, EngineBuilder, EngineConfig, NewJob, RetrySchedule};
+use orderbridge::store::ScratchDatabase;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The server to create test databases on (the test script exports it).
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A fresh, migrated database for one test.
+pub async fn fresh_db() -> ScratchDatabase {
+    match ScratchDatabase::create(&admin_url(), "ob_test", 24).await {
+        Ok(db) => db,
+        Err(e) => panic!("cannot create a test database on {}: {e}", admin_url()),
+    }
+}
+
+/// Engine settings sized for tests: short leases and heartbeats, a short schedule.
+pub fn test_config() -> EngineConfig {
+    EngineConfig {
+        concurrency: 8,
+        claim_batch: 32,
+        job_lease: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(50),
+        handler_timeout: Duration::from_secs(10),
+        shutdown_deadline: Duration::from_secs(2),
+        target_lease_ttl: Duration::from_secs(2),
+        heartbeat_interval: Duration::from_millis(100),
+        schedule: schedule(&[100, 200], 0.0),
+    }
+}
+
+/// A retry schedule from delays in milliseconds.
+pub fn schedule(delays_ms: &[u64], jitter: f64) -> RetrySchedule {
+    RetrySchedule::new(&RetrySettings {
+        schedule: delays_ms
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect(),
+        jitter,
+        throttle_floor: Duration::from_millis(50),
+        max_retry_after: Duration::from_secs(60),
+    })
+}
+
+pub fn job(kind: &str, target: &str, ordering_key: &str, payload: serde_json::Value) -> NewJob {
+    NewJob {
+        kind: kind.to_string(),
+        target: target.to_string(),
+        ordering_key: ordering_key.to_string(),
+        dedupe_key: None,
+        payload,
+        run_at: None,
+    }
+}
+
+/// Enqueues jobs in one committed transaction.
+pub async fn enqueue_all(pool: &PgPool, jobs: &[NewJob]) {
+    let mut tx = pool.begin().await.expect("begin");
+    for chunk in jobs.chunks(1000) {
+        orderbridge::outbox::enqueue_many(&mut tx, chunk)
+            .await
+            .expect("enqueue");
+    }
+    tx.commit().await.expect("commit");
+}
+
+/// A manual clock starting now, shared by engines of one test.
+pub fn manual_clock() -> Arc<ManualClock> {
+    use chrono::SubsecRound;
+    // PostgreSQL keeps microseconds; start on one so stored times compare equal.
+    Arc::new(ManualClock::starting_at(
+        chrono::Utc::now().trunc_subsecs(6),
+    ))
+}
+
+pub fn as_clock(clock: &Arc<ManualClock>) -> Arc<dyn Clock> {
+    clock.clone()
+}
+
+/// An engine running in its own task.
+pub struct Running {
+    pub engine: Engine,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), orderbridge::outbox::OutboxError>>,
+}
+
+pub fn start(builder: EngineBuilder) -> Running {
+    let engine = builder.build();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let engine = engine.clone();
+        let shutdown = shutdown.clone();
+        async move { engine.run(shutdown).await }
+    });
+    Running {
+        engine,
+        shutdown,
+        task,
+    }
+}
+
+impl Running {
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        match tokio::time::timeout(Duration::from_secs(30), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("engine did not stop cleanly: {other:?}"),
+        }
+    }
+
+    /// Kills the engine as a crash would: no release, no final writes.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds, or panics after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if condition().await {
+            return;
+        }
+        if started.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
+}
+
+/// How a test handler fails.
+#[derive(Debug)]
+pub enum Failure {
+    Retry(String),
+    Permanent(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Retry(s) | Failure::Permanent(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A handler made of a closure, classified by [`Failure`].
+pub struct FnHandler<F>(pub F);
+
+impl<F, Fut> orderbridge::outbox::Handler for FnHandler<F>
+where
+    F: Fn(orderbridge::outbox::JobContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), Failure>> + Send,
+{
+    type Error = Failure;
+    fn run(
+        &self,
+        job: &orderbridge::outbox::JobContext,
+    ) -> impl Future<Output = Result<(), Failure>> + Send {
+        (self.0)(job.clone())
+    }
+    fn classify(&self, error: &Failure) -> orderbridge::outbox::RetryAction {
+        match error {
+            Failure::Retry(e) => orderbridge::outbox::RetryAction::retry(e.clone()),
+            Failure::Permanent(e) => orderbridge::outbox::RetryAction::permanent(e.clone()),
+        }
+    }
+}
