@@ -80,7 +80,7 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { no_migrate } => crate::daemon::run(settings, !no_migrate).await?,
         Command::Migrate => {
-            let pool = crate::store::connect(&settings.database).await?;
+            let pool = crate::daemon::open_database(&settings.database).await?;
             crate::store::migrate(&pool).await?;
             println!("database schema is current");
         }
@@ -103,7 +103,7 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
 
 async fn dlq(settings: &Settings, action: DlqAction) -> anyhow::Result<()> {
     use crate::store::outbox::{self as store, Replay};
-    let pool = crate::store::connect(&settings.database).await?;
+    let pool = crate::daemon::open_database(&settings.database).await?;
     crate::store::ensure_schema_current(&pool).await?;
     match action {
         DlqAction::List { limit } => {

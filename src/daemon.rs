@@ -38,7 +38,7 @@ pub async fn run_until(
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let metrics = crate::telemetry::metrics()?;
-    let pool = crate::store::connect(&settings.database).await?;
+    let pool = open_database(&settings.database).await?;
     if migrate {
         crate::store::migrate(&pool).await?;
         tracing::info!("Database schema is current.");
@@ -75,6 +75,19 @@ pub async fn run_until(
     engine_result?;
     tracing::info!("orderbridge stopped.");
     Ok(())
+}
+
+/// Opens the configured database (creating it when missing).
+pub async fn open_database(
+    settings: &crate::config::DatabaseSettings,
+) -> Result<sqlx::PgPool, StoreError> {
+    use secrecy::ExposeSecret;
+    crate::store::connect(
+        settings.url.expose_secret(),
+        settings.max_connections,
+        settings.connect_timeout,
+    )
+    .await
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) -> Result<(), DaemonError> {

@@ -226,13 +226,12 @@ async fn jobs_sharing_an_ordering_key_run_one_at_a_time_oldest_first() {
         peak.load(Ordering::SeqCst) <= 8,
         "concurrency is capped at 8"
     );
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), KEYS);
     for (key, order) in seen.iter() {
         let expected: Vec<u64> = (0..PER_KEY as u64).collect();
         assert_eq!(order, &expected, "jobs of {key} ran out of order");
     }
-    drop(seen);
     db.drop_now().await.unwrap();
 }
 
@@ -456,7 +455,7 @@ async fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_owners_outcome() 
             error: "stale".into(),
         },
     };
-    assert!(store::complete(&db.pool, "a", &[stale.clone()])
+    assert!(store::complete(&db.pool, "a", std::slice::from_ref(&stale))
         .await
         .unwrap()
         .is_empty());

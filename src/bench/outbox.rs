@@ -208,13 +208,9 @@ async fn wait_until_empty(
 ) -> Result<(), BenchError> {
     let started = Instant::now();
     loop {
-        if done.load(Ordering::Relaxed) >= total {
-            let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox_jobs)")
-                .fetch_one(&db.pool)
-                .await?;
-            if !left {
-                return Ok(());
-            }
+        if done.load(Ordering::Relaxed) >= total && crate::store::outbox::is_empty(&db.pool).await?
+        {
+            return Ok(());
         }
         if started.elapsed() > limit {
             return Err(BenchError::Stalled {
@@ -239,9 +235,11 @@ impl Handler for LatencyHandler {
     type Error = std::convert::Infallible;
     async fn run(&self, job: &JobContext) -> Result<(), Self::Error> {
         let now_us = self.epoch.elapsed().as_micros() as u64;
-        let sent_us = job.payload["sent_us"].as_u64().unwrap_or(now_us);
-        if let Ok(mut h) = self.histogram.lock() {
-            let _ = h.record(now_us.saturating_sub(sent_us).max(1));
+        // The warm-up job carries no send time and is not measured.
+        if let Some(sent_us) = job.payload["sent_us"].as_u64() {
+            if let Ok(mut h) = self.histogram.lock() {
+                let _ = h.record(now_us.saturating_sub(sent_us).max(1));
+            }
         }
         self.done.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -279,7 +277,7 @@ async fn latency(
         async move { engine.run(shutdown).await }
     });
     // Let the engine take its target lease and start listening.
-    warm_up(db, &engine).await?;
+    warm_up(db, &done).await?;
 
     let total = (f64::from(rate.max(1)) * duration.as_secs_f64()) as usize;
     let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
@@ -326,30 +324,23 @@ async fn latency(
 }
 
 /// Runs one job through the engine so that leases and LISTEN are in place.
-async fn warm_up(db: &ScratchDatabase, engine: &Engine) -> Result<(), BenchError> {
+async fn warm_up(db: &ScratchDatabase, done: &AtomicU64) -> Result<(), BenchError> {
     let mut conn = db.pool.acquire().await?;
     crate::outbox::enqueue(
         &mut conn,
         &NewJob {
-            kind: "warmup".into(),
+            kind: "noop".into(),
             target: "bench".into(),
             ordering_key: "warmup".into(),
             dedupe_key: None,
-            payload: serde_json::json!({}),
+            payload: serde_json::json!({ "warmup": true }),
             run_at: None,
         },
     )
     .await?;
     drop(conn);
-    let started = Instant::now();
-    while engine.held_targets().is_empty() && started.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The warm-up job has no handler and is dead-lettered; remove it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    sqlx::query("DELETE FROM outbox_jobs WHERE kind = 'warmup'")
-        .execute(&db.pool)
-        .await?;
+    wait_until_empty(db, "warm-up", done, 1, Duration::from_secs(30)).await?;
+    done.store(0, Ordering::Relaxed);
     Ok(())
 }
 

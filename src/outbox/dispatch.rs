@@ -137,7 +137,7 @@ async fn claim_round(
     tasks: &mut JoinSet<()>,
     finish_tx: &UnboundedSender<Finished>,
 ) -> Result<bool, StoreError> {
-    let held: Vec<String> = {
+    let mut held: Vec<String> = {
         let state = shared.state();
         state
             .held
@@ -146,6 +146,14 @@ async fn claim_round(
             .cloned()
             .collect()
     };
+    // Start each round at another target, so no target always gets the free slots first.
+    if !held.is_empty() {
+        let start = shared
+            .round
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % held.len();
+        held.rotate_left(start);
+    }
     let mut maybe_more = false;
     for target in held {
         let (global_free, target_free) = {

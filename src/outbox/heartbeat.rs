@@ -1,7 +1,8 @@
-//! Liveness of one replica: target leases (take free or expired ones, renew
-//! its own), renewal of running jobs' leases, reaping of jobs whose worker
-//! died, queue depth gauges; and the LISTEN/NOTIFY listener that wakes the
-//! dispatcher when jobs are enqueued.
+//! Liveness of one replica: its row in `outbox_replicas`, target leases (renew
+//! its own, take free or expired ones up to its fair share of
+//! ceil(targets / live replicas), hand the excess back once idle), renewal of
+//! running jobs' leases, reaping of jobs whose worker died, queue depth gauges;
+//! and the LISTEN/NOTIFY listener that wakes the dispatcher on enqueue.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ pub(super) async fn run_heartbeat(shared: Arc<Shared>, stop: CancellationToken) 
             _ = tick.tick() => {}
             _ = shared.beat_now.notified() => {}
         }
-        if let Err(error) = beat(&shared, beats % 6 == 0).await {
+        if let Err(error) = beat(&shared, beats.is_multiple_of(6)).await {
             tracing::error!(%error, "Outbox heartbeat failed; leases will be renewed on the next one.");
         }
         beats += 1;

@@ -173,6 +173,7 @@ impl EngineBuilder {
                 wake: tokio::sync::Notify::new(),
                 beat_now: tokio::sync::Notify::new(),
                 state: std::sync::Mutex::new(RunState::default()),
+                round: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -212,6 +213,8 @@ struct Shared {
     /// Wakes the heartbeat (a notification named a target not held yet).
     beat_now: tokio::sync::Notify,
     state: std::sync::Mutex<RunState>,
+    /// Claim rounds so far (rotates which target is served first).
+    round: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {

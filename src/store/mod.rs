@@ -7,12 +7,9 @@ pub mod outbox;
 use std::str::FromStr;
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
-
-use crate::config::DatabaseSettings;
 
 /// The migrations in `migrations/`, compiled into the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -50,10 +47,13 @@ pub async fn create_database_if_missing(url: &str) -> Result<(), StoreError> {
 }
 
 /// Opens the connection pool (the database is created first when missing).
-pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
-    let url = settings.url.expose_secret();
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    connect_timeout: Duration,
+) -> Result<PgPool, StoreError> {
     create_database_if_missing(url).await?;
-    connect_existing(url, settings.max_connections, settings.connect_timeout).await
+    connect_existing(url, max_connections, connect_timeout).await
 }
 
 /// Opens a pool on an existing database.

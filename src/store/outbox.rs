@@ -617,12 +617,25 @@ pub async fn target_owner(
 }
 
 /// Jobs by state (`pending`, `running`, `dead`).
+/// Every state is listed, with 0 where there are none, so gauges never go stale.
 pub async fn depth(pool: &PgPool) -> Result<Vec<(String, i64)>, StoreError> {
-    let rows =
-        sqlx::query_as("SELECT state, count(*) FROM outbox_jobs GROUP BY state ORDER BY state")
-            .fetch_all(pool)
-            .await?;
+    let rows = sqlx::query_as(
+        "SELECT s.state, count(j.id)
+         FROM (VALUES ('pending'), ('running'), ('dead')) AS s(state)
+         LEFT JOIN outbox_jobs j ON j.state = s.state
+         GROUP BY s.state ORDER BY s.state",
+    )
+    .fetch_all(pool)
+    .await?;
     Ok(rows)
+}
+
+/// Whether no job is left at all (pending, running or dead).
+pub async fn is_empty(pool: &PgPool) -> Result<bool, StoreError> {
+    let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox_jobs)")
+        .fetch_one(pool)
+        .await?;
+    Ok(!any)
 }
 
 /// Dead-lettered jobs, newest first.

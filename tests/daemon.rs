@@ -1,0 +1,286 @@
+//! The binary as operators use it: `run` (database created and migrated,
+//! health, readiness and metrics served, SIGTERM exits 0), `run --no-migrate`
+//! on a behind schema, `check-config` on a bad file, and `dlq`.
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use orderbridge::store::outbox as store;
+
+const BIN: &str = env!("CARGO_BIN_EXE_orderbridge");
+
+/// A database URL on the test server naming a database that does not exist yet.
+fn new_database_url() -> (String, String) {
+    let name = format!("ob_test_{}", uuid::Uuid::new_v4().simple());
+    let mut url = reqwest::Url::parse(&admin_url()).unwrap();
+    url.set_path(&format!("/{name}"));
+    (url.to_string(), name)
+}
+
+async fn drop_database(name: &str) {
+    let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn orderbridge(args: &[&str], database_url: &str) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env("DATABASE_URL", database_url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_creates_the_database_serves_health_and_stops_on_sigterm() {
+    let (url, name) = new_database_url();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut daemon = Daemon(
+        orderbridge(&["run"], &url)
+            .env("ORDERBRIDGE__HTTP__LISTEN", &listen)
+            .spawn()
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    let base = format!("http://{listen}");
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{base}/healthz")).send().await {
+            assert_eq!(r.status(), 200);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "daemon did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["checks"]["database"], "ok");
+    // The heartbeat sets its gauges on its first beat.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("orderbridge_outbox_targets_held"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("orderbridge_outbox_jobs{state=\"dead\"} 0"),
+        "{metrics}"
+    );
+
+    // The database was created and migrated.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    assert_eq!(count(&pool, "SELECT count(*) FROM outbox_jobs").await, 0);
+    pool.close().await;
+
+    let pid = daemon.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let mut logs = String::new();
+    use std::io::Read;
+    daemon
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    for line in logs.lines() {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "log line is not JSON: {line}");
+    }
+    assert!(logs.contains("SIGTERM received"), "{logs}");
+    assert!(!logs.contains(&url), "the database URL must not be logged");
+    drop_database(&name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_no_migrate_refuses_a_schema_that_is_behind() {
+    let (url, name) = new_database_url();
+    let output = orderbridge(&["run", "--no-migrate"], &url)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("schema is behind"),
+        "{}",
+        text(&output)
+    );
+
+    let output = orderbridge(&["migrate"], &url).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    drop_database(&name).await;
+}
+
+#[test]
+fn an_invalid_config_file_stops_everything_with_exit_code_2() {
+    let dir = std::env::temp_dir().join(format!("orderbridge-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "[shops.k]\nmarketplace = \"kaspi\"\ncrm_account = \"main\"\nmap = \"m.toml\"\nbase_url = \"https://kaspi.kz/shop/api/v2\"\n",
+    )
+    .unwrap();
+    let output = orderbridge(
+        &["--config", file.to_str().unwrap(), "check-config"],
+        "postgres://127.0.0.1:1/none",
+    )
+    .output()
+    .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let said = text(&output);
+    assert!(said.contains("`shops.k.token`"), "{said}");
+    assert!(said.contains("secret is missing"), "{said}");
+    assert!(said.contains(&file.display().to_string()), "{said}");
+
+    let output = orderbridge(&["check-config"], "postgres://127.0.0.1:1/none")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_lists_replays_and_discards_dead_jobs() {
+    let db = fresh_db().await;
+    let mut url = reqwest::Url::parse(&admin_url()).unwrap();
+    url.set_path(&format!("/{}", db.name));
+    let url = url.to_string();
+    enqueue_all(
+        &db.pool,
+        &[
+            job("push", "t", "order-1", serde_json::json!({})),
+            job("push", "t", "order-2", serde_json::json!({})),
+        ],
+    )
+    .await;
+    sqlx::query(
+        "UPDATE outbox_jobs SET state = 'dead', attempts = 3, last_error = '402 Payment Required'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let output = orderbridge(&["dlq", "list"], &url).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    let listed = String::from_utf8_lossy(&output.stdout).to_string();
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(
+        listed.contains("402 Payment Required") && listed.contains("order-2"),
+        "{listed}"
+    );
+
+    let output = orderbridge(&["dlq", "retry", "1"], &url).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(
+        store::job(&db.pool, 1).await.unwrap().unwrap().state,
+        "pending"
+    );
+
+    let output = orderbridge(&["dlq", "discard", "2"], &url)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(store::job(&db.pool, 2).await.unwrap().is_none());
+
+    let output = orderbridge(&["dlq", "discard", "2"], &url)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "discarding twice is an error");
+    let output = orderbridge(&["dlq", "list"], &url).output().unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains("no dead-lettered jobs"));
+    db.drop_now().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_an_unreachable_database() {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
+        .unwrap();
+    let listener = orderbridge::http::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(orderbridge::http::serve(
+        listener,
+        orderbridge::http::AppState {
+            pool,
+            metrics: orderbridge::telemetry::metrics().unwrap(),
+        },
+        shutdown.clone(),
+    ));
+    let response = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["ready"], false);
+    assert!(body["checks"]["database"]
+        .as_str()
+        .unwrap()
+        .starts_with("unreachable"));
+    let health = reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200, "alive even when not ready");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
