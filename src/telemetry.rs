@@ -75,8 +75,8 @@ pub fn metrics() -> Result<PrometheusHandle, TelemetryError> {
     }
 }
 
-/// Masks a customer's phone for logs: keeps the leading `+` and country/operator
-/// prefix (at most 4 characters) and the last 2 digits; every other digit
+/// Masks a customer's phone for logs: keeps the country/operator prefix (at most
+/// 3 digits, fewer for short numbers) and the last 2 digits, never more than half; every other digit
 /// becomes `*`. Non-digit characters are kept so the shape stays readable.
 ///
 /// `+77011234567` → `+770******67`.
@@ -88,7 +88,8 @@ pub fn mask_phone(phone: &str) -> String {
             .map(|c| if c.is_ascii_digit() { '*' } else { c })
             .collect();
     }
-    let keep_head = 3.min(digits.saturating_sub(6));
+    // At most 3 leading digits, and never more than half of all digits shown.
+    let keep_head = 3.min((digits / 2).saturating_sub(2));
     let keep_tail = 2;
     let mut seen = 0;
     phone
