@@ -70,13 +70,9 @@ pub async fn run(
 ) -> Result<(), BenchError> {
     crate::store::create_database_if_missing(settings.database.url.expose_secret()).await?;
     let wants = |phase: &str| args.only.is_empty() || args.only.iter().any(|p| p == phase);
+    let url = settings.database.url.expose_secret();
     if wants("drain") {
-        let db = ScratchDatabase::create(
-            settings.database.url.expose_secret(),
-            "orderbridge_bench",
-            8,
-        )
-        .await?;
+        let db = ScratchDatabase::create(url, "orderbridge_bench", 8).await?;
         let result = drain(&db, args.jobs).await;
         db.drop_now().await?;
         let (enqueue_rate, drain_rate) = result?;
@@ -84,12 +80,7 @@ pub async fn run(
         writeln!(out, "drain_jobs_per_s: {drain_rate:.0}")?;
     }
     if wants("latency") {
-        let db = ScratchDatabase::create(
-            settings.database.url.expose_secret(),
-            "orderbridge_bench",
-            24,
-        )
-        .await?;
+        let db = ScratchDatabase::create(url, "orderbridge_bench", 24).await?;
         let result = latency(&db, args.rate, Duration::from_secs(args.seconds)).await;
         db.drop_now().await?;
         let (p50, p95, p99) = result?;
@@ -98,12 +89,7 @@ pub async fn run(
         writeln!(out, "latency_p99_ms: {p99:.2}")?;
     }
     if wants("limited") {
-        let db = ScratchDatabase::create(
-            settings.database.url.expose_secret(),
-            "orderbridge_bench",
-            8,
-        )
-        .await?;
+        let db = ScratchDatabase::create(url, "orderbridge_bench", 8).await?;
         let result = limited(&db, args.limited_jobs).await;
         db.drop_now().await?;
         let (min_rate, max_in_1s) = result?;

@@ -326,10 +326,20 @@ async fn finish_unsuccessful(
         })
         .collect();
 
+    let arrays = FinishArrays {
+        ids,
+        attempts,
+        started,
+        finished,
+        outcomes,
+        run_at,
+        errors,
+        owner,
+    };
     // A job going back to pending while a newer pending job holds its dedupe key
     // is folded into that job (same intent, level-triggered): the newer job takes
     // over the backoff and failure count, the older one is removed.
-    let mut applied: Vec<i64> = sqlx::query_scalar(
+    let mut applied: Vec<i64> = bind_unsuccessful(sqlx::query_scalar(
         "WITH f AS (
              SELECT * FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::timestamptz[],
                                   $5::text[], $6::timestamptz[], $7::text[])
@@ -357,19 +367,13 @@ async fn finish_unsuccessful(
                 concat_ws(' ', f.error, '(folded into a newer pending job with the same dedupe key)')
          FROM removed r JOIN f ON f.id = r.id
          RETURNING job_id",
+        ),
+        &arrays,
     )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(&started)
-    .bind(&finished)
-    .bind(&outcomes)
-    .bind(&run_at)
-    .bind(&errors)
-    .bind(owner)
     .fetch_all(&mut **tx)
     .await?;
 
-    let rest: Vec<i64> = sqlx::query_scalar(
+    let rest: Vec<i64> = bind_unsuccessful(sqlx::query_scalar(
         "WITH f AS (
              SELECT * FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::timestamptz[],
                                   $5::text[], $6::timestamptz[], $7::text[])
@@ -389,19 +393,41 @@ async fn finish_unsuccessful(
          SELECT u.id, u.attempts, u.kind, u.target, u.ordering_key, f.started_at, f.finished_at, f.outcome, f.error
          FROM u JOIN f ON f.id = u.id
          RETURNING job_id",
+        ),
+        &arrays,
     )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(&started)
-    .bind(&finished)
-    .bind(&outcomes)
-    .bind(&run_at)
-    .bind(&errors)
-    .bind(owner)
     .fetch_all(&mut **tx)
     .await?;
     applied.extend(rest);
     Ok(applied)
+}
+
+/// The columns of a batch of unsuccessful attempt endings, bound as arrays.
+struct FinishArrays<'a> {
+    ids: Vec<i64>,
+    attempts: Vec<i32>,
+    started: Vec<DateTime<Utc>>,
+    finished: Vec<DateTime<Utc>>,
+    outcomes: Vec<&'a str>,
+    run_at: Vec<Option<DateTime<Utc>>>,
+    errors: Vec<Option<&'a str>>,
+    owner: &'a str,
+}
+
+/// Binds `$1..$8` of the two statements of [`finish_unsuccessful`].
+fn bind_unsuccessful<'q>(
+    query: sqlx::query::QueryScalar<'q, Postgres, i64, sqlx::postgres::PgArguments>,
+    a: &'q FinishArrays<'q>,
+) -> sqlx::query::QueryScalar<'q, Postgres, i64, sqlx::postgres::PgArguments> {
+    query
+        .bind(&a.ids)
+        .bind(&a.attempts)
+        .bind(&a.started)
+        .bind(&a.finished)
+        .bind(&a.outcomes)
+        .bind(&a.run_at)
+        .bind(&a.errors)
+        .bind(a.owner)
 }
 
 /// Extends the leases of jobs `owner` is still running (id, attempt pairs).
