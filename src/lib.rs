@@ -9,7 +9,8 @@
 //! - [`outbox`]: the job engine (claims, leases, retries, rate limits);
 //! - [`http`]: the axum side (`/healthz`, `/readyz`, `/metrics`);
 //! - [`daemon`]: wires the parts together for `run`, with graceful shutdown;
-//! - [`bench`]: `orderbridge bench …`, throughput and latency figures.
+//! - [`bench`]: `orderbridge bench …`, throughput and latency figures;
+//! - [`sim`]: simulators of the external APIs, for tests, benchmarks and the demo.
 
 pub mod bench;
 pub mod cli;
@@ -17,5 +18,6 @@ pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod outbox;
+pub mod sim;
 pub mod store;
 pub mod telemetry;
