@@ -40,6 +40,11 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Inspect and reset circuit breakers (traffic stopped after e.g. amoCRM's 403).
+    Circuit {
+        #[command(subcommand)]
+        action: CircuitAction,
+    },
     /// Measure performance; prints `key: value` lines.
     Bench {
         #[command(subcommand)]
@@ -64,6 +69,14 @@ pub enum DlqAction {
     },
     /// Remove a dead job for good (its attempt history stays).
     Discard { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CircuitAction {
+    /// Open circuits, with their reason and cool-down.
+    List,
+    /// Close a target's circuit now (e.g. `amocrm:main`, once support has unblocked the IP).
+    Reset { target: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,10 +105,39 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             );
         }
         Command::Dlq { action } => dlq(&settings, action).await?,
+        Command::Circuit { action } => circuit(&settings, action).await?,
         Command::Bench {
             which: BenchWhich::Outbox(args),
         } => {
             crate::bench::outbox::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn circuit(settings: &Settings, action: CircuitAction) -> anyhow::Result<()> {
+    let pool = crate::daemon::open_database(&settings.database).await?;
+    crate::store::ensure_schema_current(&pool).await?;
+    match action {
+        CircuitAction::List => {
+            let open = crate::store::circuits::list_open(&pool, chrono::Utc::now()).await?;
+            if open.is_empty() {
+                println!("no open circuits");
+            }
+            for c in open {
+                println!(
+                    "{}\topened={}\tuntil={}\t{}",
+                    c.target,
+                    c.opened_at.to_rfc3339(),
+                    c.open_until.to_rfc3339(),
+                    c.reason
+                );
+            }
+        }
+        CircuitAction::Reset { target } => {
+            let closed = crate::store::circuits::close(&pool, &target).await?;
+            anyhow::ensure!(closed, "no circuit is open for {target}");
+            println!("circuit of {target} closed; traffic resumes within seconds");
         }
     }
     Ok(())

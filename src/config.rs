@@ -141,6 +141,26 @@ pub struct CrmAccount {
     pub auth: CrmAuth,
     #[serde(default = "amocrm_default_quota")]
     pub rate_limit: RateQuota,
+    /// The account's subdomain and id, which webhooks must carry to be accepted.
+    pub subdomain: Option<String>,
+    pub account_id: Option<u64>,
+    /// The unguessable path segment of `POST /hooks/amocrm/{secret}`.
+    pub webhook_secret: Option<SecretString>,
+    /// How long all traffic stops after amoCRM answers 403 (IP blocked), unless an
+    /// operator resets the circuit first.
+    #[serde(with = "humantime_serde", default = "default_circuit_cooldown")]
+    pub circuit_cooldown: Duration,
+    /// Per-request timeout.
+    #[serde(with = "humantime_serde", default = "default_crm_timeout")]
+    pub request_timeout: Duration,
+}
+
+fn default_circuit_cooldown() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+
+fn default_crm_timeout() -> Duration {
+    Duration::from_secs(20)
 }
 
 fn amocrm_default_quota() -> RateQuota {
@@ -391,6 +411,18 @@ impl Settings {
             let base = format!("crm_accounts.{name}");
             check_url(&format!("{base}.base_url"), &crm.base_url, &mut bad);
             check_quota(&format!("{base}.rate_limit"), &crm.rate_limit, &mut bad);
+            if crm.webhook_secret.is_some() && (crm.subdomain.is_none() || crm.account_id.is_none())
+            {
+                bad(
+                    format!("{base}.webhook_secret"),
+                    "webhooks need `subdomain` and `account_id` too, to check who sent them".into(),
+                );
+            }
+            if let Some(secret) = &crm.webhook_secret {
+                if secret.expose_secret().len() < 16 {
+                    bad(format!("{base}.webhook_secret"), "must be at least 16 characters (it is the only proof a webhook is genuine)".into());
+                }
+            }
             match &crm.auth {
                 CrmAuth::LongLived { token } => {
                     check_secret(&format!("{base}.auth.token"), token.as_ref(), &mut bad)

@@ -4,7 +4,13 @@
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::config::{CrmAuth, Settings};
+use crate::connectors::amocrm::{AmoAccount, AmoAuth, AmoClient, AmoError};
+use crate::http::hooks::HookAccount;
+use crate::outbox::limits::Limiters;
 use crate::outbox::{Engine, EngineConfig, OutboxError};
 use crate::store::StoreError;
 
@@ -18,6 +24,10 @@ pub enum DaemonError {
     Outbox(#[from] OutboxError),
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::TelemetryError),
+    #[error(transparent)]
+    Amo(#[from] AmoError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("cannot install the signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -52,12 +62,17 @@ pub async fn run_until(
         crate::http::AppState {
             pool: pool.clone(),
             metrics,
+            amocrm_hooks: std::sync::Arc::new(hook_accounts(&settings)),
+            webhook_body_limit: settings.http.webhook_body_limit_bytes,
         },
         shutdown.clone(),
     ));
+    let limiters = limiters(&settings);
+    let crm_clients = amocrm_clients(&settings, &pool, &limiters).await?;
     let engine = Engine::builder(pool.clone(), EngineConfig::from_settings(&settings.outbox))
-        .quotas(settings.target_quotas())
+        .limiters(limiters)
         .build();
+    tracing::info!(clients = crm_clients.len(), "amoCRM clients ready.");
     tracing::info!(
         replica = engine.owner(),
         crm_accounts = settings.crm_accounts.len(),
@@ -75,6 +90,94 @@ pub async fn run_until(
     engine_result?;
     tracing::info!("orderbridge stopped.");
     Ok(())
+}
+
+/// One limiter per target: amoCRM accounts are limited per request (a job may
+/// make several calls), everything else per job.
+pub fn limiters(settings: &Settings) -> Arc<Limiters> {
+    let mut limiters = Limiters::new(settings.outbox.limits.clone());
+    for (name, crm) in &settings.crm_accounts {
+        limiters = limiters.with_per_request(format!("amocrm:{name}"), crm.rate_limit);
+    }
+    Arc::new(limiters)
+}
+
+/// The webhook-accepting CRM accounts.
+pub fn hook_accounts(settings: &Settings) -> Vec<HookAccount> {
+    settings
+        .crm_accounts
+        .iter()
+        .filter_map(|(name, crm)| {
+            Some(HookAccount {
+                name: name.clone(),
+                secret: crm.webhook_secret.clone()?,
+                subdomain: crm.subdomain.clone()?,
+                account_id: crm.account_id?,
+            })
+        })
+        .collect()
+}
+
+/// One amoCRM client per configured account, sharing the limiters; OAuth
+/// accounts get their first refresh token seeded.
+pub async fn amocrm_clients(
+    settings: &Settings,
+    pool: &sqlx::PgPool,
+    limiters: &Limiters,
+) -> Result<BTreeMap<String, AmoClient>, DaemonError> {
+    let mut clients = BTreeMap::new();
+    for (name, crm) in &settings.crm_accounts {
+        let base_url = reqwest::Url::parse(&crm.base_url)
+            .map_err(|e| DaemonError::Config(format!("crm_accounts.{name}.base_url: {e}")))?;
+        let (auth, seed) = match &crm.auth {
+            CrmAuth::LongLived { token: Some(token) } => (AmoAuth::LongLived(token.clone()), None),
+            CrmAuth::LongLived { token: None } => {
+                return Err(DaemonError::Config(format!(
+                    "crm_accounts.{name}.auth.token is missing"
+                )))
+            }
+            CrmAuth::Oauth {
+                client_id,
+                client_secret: Some(secret),
+                redirect_uri,
+                initial_refresh_token,
+            } => (
+                AmoAuth::OAuth {
+                    client_id: client_id.clone(),
+                    client_secret: secret.clone(),
+                    redirect_uri: redirect_uri.clone(),
+                },
+                initial_refresh_token.clone(),
+            ),
+            CrmAuth::Oauth {
+                client_secret: None,
+                ..
+            } => {
+                return Err(DaemonError::Config(format!(
+                    "crm_accounts.{name}.auth.client_secret is missing"
+                )))
+            }
+        };
+        let account = AmoAccount {
+            name: name.clone(),
+            base_url,
+            auth,
+            timeout: crm.request_timeout,
+            circuit_cooldown: crm.circuit_cooldown,
+        };
+        let client = AmoClient::new(
+            account.clone(),
+            pool.clone(),
+            limiters.limiter(&account.target()),
+        )?;
+        if let Some(refresh) = seed {
+            if client.seed_refresh_token(&refresh).await? {
+                tracing::info!(account = %name, "Seeded the OAuth token table from auth.initial_refresh_token.");
+            }
+        }
+        clients.insert(name.clone(), client);
+    }
+    Ok(clients)
 }
 
 /// Opens the configured database (creating it when missing).

@@ -4,6 +4,8 @@
 //! Layout (see `docs/ARCHITECTURE.md` for the data flow):
 //! - [`cli`]: the clap commands (`run`, `migrate`, `check-config`, `dlq`, `bench`);
 //! - [`config`]: layered settings and their validation;
+//! - [`domain`]: types shared by everything (phones, emails), knowing no API;
+//! - [`connectors`]: one folder per external API (client, private wire types, conversion);
 //! - [`telemetry`]: JSON logs, PII masking, the metrics recorder;
 //! - [`store`]: the PostgreSQL pool, migrations and every SQL statement;
 //! - [`outbox`]: the job engine (claims, leases, retries, rate limits);
@@ -15,7 +17,9 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod connectors;
 pub mod daemon;
+pub mod domain;
 pub mod http;
 pub mod outbox;
 pub mod sim;

@@ -75,38 +75,9 @@ pub fn metrics() -> Result<PrometheusHandle, TelemetryError> {
     }
 }
 
-/// Masks a customer's phone for logs: keeps the country/operator prefix (at most
-/// 3 digits, fewer for short numbers) and the last 2 digits, never more than half; every other digit
-/// becomes `*`. Non-digit characters are kept so the shape stays readable.
-///
-/// `+77011234567` → `+770******67`.
+/// Masks a customer's phone for logs (see [`crate::domain::contact::mask_phone`]).
 pub fn mask_phone(phone: &str) -> String {
-    let digits = phone.chars().filter(char::is_ascii_digit).count();
-    if digits <= 4 {
-        return phone
-            .chars()
-            .map(|c| if c.is_ascii_digit() { '*' } else { c })
-            .collect();
-    }
-    // At most 3 leading digits, and never more than half of all digits shown.
-    let keep_head = 3.min((digits / 2).saturating_sub(2));
-    let keep_tail = 2;
-    let mut seen = 0;
-    phone
-        .chars()
-        .map(|c| {
-            if c.is_ascii_digit() {
-                seen += 1;
-                if seen <= keep_head || seen > digits - keep_tail {
-                    c
-                } else {
-                    '*'
-                }
-            } else {
-                c
-            }
-        })
-        .collect()
+    crate::domain::contact::mask_phone(phone)
 }
 
 /// Masks an email for logs: `ivan.petrov@example.kz` → `i***@example.kz`.

@@ -266,6 +266,8 @@ async fn readyz_reports_an_unreachable_database() {
         orderbridge::http::AppState {
             pool,
             metrics: orderbridge::telemetry::metrics().unwrap(),
+            amocrm_hooks: Default::default(),
+            webhook_body_limit: 1024,
         },
         shutdown.clone(),
     ));

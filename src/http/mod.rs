@@ -1,14 +1,16 @@
-//! The HTTP side (axum): `/healthz` (alive), `/readyz` (ready to serve: the
-//! database answers), `/metrics` (Prometheus). Webhooks and the dashboard join
-//! here later.
+//! The HTTP side (axum): `/healthz` (alive), `/readyz` (ready: the database
+//! answers and no target's circuit is open), `/metrics` (Prometheus), and the
+//! webhook intake under `/hooks/…` ([`hooks`]). The dashboard joins here later.
+
+pub mod hooks;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
@@ -19,13 +21,22 @@ use tokio_util::sync::CancellationToken;
 pub struct AppState {
     pub pool: PgPool,
     pub metrics: PrometheusHandle,
+    /// CRM accounts that accept webhooks.
+    pub amocrm_hooks: std::sync::Arc<Vec<hooks::HookAccount>>,
+    /// Largest accepted webhook body (larger: 413).
+    pub webhook_body_limit: usize,
 }
 
 pub fn router(state: AppState) -> Router {
+    let limit = state.webhook_body_limit;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route(
+            "/hooks/amocrm/{secret}",
+            post(hooks::amocrm).layer(DefaultBodyLimit::max(limit)),
+        )
         .with_state(state)
 }
 
@@ -74,10 +85,31 @@ async fn readyz(State(state): State<AppState>) -> Response {
             "unreachable: no answer within 2 s".to_string(),
         ),
     };
+    let circuits = match crate::store::circuits::list_open(&state.pool, chrono::Utc::now()).await {
+        Ok(open) => open
+            .into_iter()
+            .map(|c| {
+                serde_json::json!({
+                    "target": c.target,
+                    "reason": c.reason,
+                    "open_until": c.open_until.to_rfc3339(),
+                })
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let status = if circuits.is_empty() {
+        status
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let ready = status == StatusCode::OK;
     (
         status,
-        Json(serde_json::json!({ "ready": ready, "checks": { "database": database } })),
+        Json(serde_json::json!({
+            "ready": ready,
+            "checks": { "database": database, "open_circuits": circuits }
+        })),
     )
         .into_response()
 }

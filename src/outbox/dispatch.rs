@@ -219,7 +219,7 @@ async fn claim_round(
 
 /// Runs one claimed job to its outcome and hands that to the finisher.
 async fn run_job(shared: Arc<Shared>, job: ClaimedJob, finish_tx: UnboundedSender<Finished>) {
-    if let Some(limiter) = shared.limiters.limiter(&job.target) {
+    if let Some(limiter) = shared.limiters.job_gate(&job.target) {
         let waited = Instant::now();
         limiter.until_ready().await;
         metrics::histogram!("orderbridge_outbox_limiter_wait_seconds", "target" => job.target.clone())

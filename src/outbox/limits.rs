@@ -14,10 +14,14 @@ use crate::config::RateQuota;
 /// granularity can never let one more request than the quota into any window.
 const SAFETY_MARGIN: f64 = 1.005;
 
-/// The limiters of one process, by target key.
+/// The limiters of one process, by target key. A target is gated either per job
+/// (the engine takes one permit before running each job) or per request (its
+/// client takes one permit per HTTP call, e.g. amoCRM, where a job may make
+/// several calls); either way there is one limiter per target, shared by all.
 #[derive(Default)]
 pub struct Limiters {
     quotas: HashMap<String, RateQuota>,
+    per_request: std::collections::HashSet<String>,
     limiters: Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>,
 }
 
@@ -25,7 +29,25 @@ impl Limiters {
     pub fn new(quotas: impl IntoIterator<Item = (String, RateQuota)>) -> Self {
         Limiters {
             quotas: quotas.into_iter().collect(),
+            per_request: Default::default(),
             limiters: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Gates `target` per request: its client takes the permits, the engine does not.
+    pub fn with_per_request(mut self, target: impl Into<String>, quota: RateQuota) -> Self {
+        let target = target.into();
+        self.quotas.insert(target.clone(), quota);
+        self.per_request.insert(target);
+        self
+    }
+
+    /// The limiter the engine waits on before running a job of `target`.
+    pub fn job_gate(&self, target: &str) -> Option<Arc<DefaultDirectRateLimiter>> {
+        if self.per_request.contains(target) {
+            None
+        } else {
+            self.limiter(target)
         }
     }
 

@@ -129,6 +129,7 @@ pub struct EngineBuilder {
     owner: String,
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     quotas: Vec<(String, RateQuota)>,
+    limiters: Option<Arc<Limiters>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -150,6 +151,12 @@ impl EngineBuilder {
         self
     }
 
+    /// Shares a limiter registry with the connectors' clients (replaces `quota`/`quotas`).
+    pub fn limiters(mut self, limiters: Arc<Limiters>) -> Self {
+        self.limiters = Some(limiters);
+        self
+    }
+
     /// This replica's name in leases (default: host name, pid and a random suffix).
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
         self.owner = owner.into();
@@ -168,7 +175,9 @@ impl EngineBuilder {
                 config: self.config,
                 owner: self.owner,
                 handlers: self.handlers,
-                limiters: Limiters::new(self.quotas),
+                limiters: self
+                    .limiters
+                    .unwrap_or_else(|| Arc::new(Limiters::new(self.quotas))),
                 clock: self.clock,
                 wake: tokio::sync::Notify::new(),
                 beat_now: tokio::sync::Notify::new(),
@@ -206,7 +215,7 @@ struct Shared {
     config: EngineConfig,
     owner: String,
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
-    limiters: Limiters,
+    limiters: Arc<Limiters>,
     clock: Arc<dyn Clock>,
     /// Wakes the dispatcher (new work, freed capacity, new targets).
     wake: tokio::sync::Notify,
@@ -241,6 +250,7 @@ impl Engine {
             owner: default_owner(),
             handlers: HashMap::new(),
             quotas: Vec::new(),
+            limiters: None,
             clock: Arc::new(SystemClock),
         }
     }

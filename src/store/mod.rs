@@ -2,7 +2,10 @@
 //! embedded migrations and every SQL statement of the crate (one submodule per
 //! table family); nothing outside `store` writes a query.
 
+pub mod circuits;
+pub mod inbox;
 pub mod outbox;
+pub mod tokens;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -1,0 +1,5 @@
+//! One folder per external API: the client, its private wire types, and the
+//! conversion into domain types. Nothing outside a connector's folder sees its
+//! wire types.
+
+pub mod amocrm;

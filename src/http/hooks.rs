@@ -1,0 +1,113 @@
+//! Webhook intake. `POST /hooks/amocrm/{secret}`: the secret picks the CRM
+//! account (a wrong one is 404), the body is parsed and checked against the
+//! account's subdomain and id, every lead change is stored in the inbox
+//! (deduplicated), and the answer is 200 at once (amoCRM waits 2 s);
+//! processing happens later. A malformed body is 400, logged, nothing stored.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::AppState;
+use crate::connectors::amocrm::webhook;
+use crate::store::inbox::{self, NewInboxItem};
+
+/// A CRM account that accepts webhooks.
+#[derive(Clone)]
+pub struct HookAccount {
+    pub name: String,
+    pub secret: SecretString,
+    pub subdomain: String,
+    pub account_id: u64,
+}
+
+impl std::fmt::Debug for HookAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookAccount")
+            .field("name", &self.name)
+            .field("subdomain", &self.subdomain)
+            .field("account_id", &self.account_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal the secret.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+pub(super) async fn amocrm(
+    State(state): State<AppState>,
+    Path(secret): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(account) = state
+        .amocrm_hooks
+        .iter()
+        .find(|a| same_secret(a.secret.expose_secret(), &secret))
+    else {
+        tracing::warn!("A webhook arrived with an unknown secret; answered 404.");
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let payload = match webhook::parse(&body) {
+        Ok(payload) => payload,
+        Err(error) => {
+            tracing::warn!(account = %account.name, %error, bytes = body.len(),
+                "A malformed amoCRM webhook was refused; nothing stored.");
+            metrics::counter!("orderbridge_webhooks_total", "source" => "amocrm", "result" => "malformed")
+                .increment(1);
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("malformed webhook: {error}"),
+            )
+                .into_response();
+        }
+    };
+    if payload.subdomain != account.subdomain || payload.account_id != account.account_id {
+        tracing::warn!(account = %account.name, got_subdomain = %payload.subdomain,
+            got_account_id = payload.account_id,
+            "A webhook named another amoCRM account than the one its secret belongs to; refused.");
+        metrics::counter!("orderbridge_webhooks_total", "source" => "amocrm", "result" => "wrong_account")
+            .increment(1);
+        return (StatusCode::BAD_REQUEST, "webhook from another account").into_response();
+    }
+    let items: Vec<NewInboxItem> = payload
+        .changes
+        .iter()
+        .map(|change| NewInboxItem {
+            source: "amocrm".into(),
+            account: account.name.clone(),
+            kind: change.action.as_str().into(),
+            dedupe_key: change.dedupe_key(&account.name),
+            payload: serde_json::json!({
+                "lead_id": change.lead_id,
+                "status_id": change.status_id,
+                "pipeline_id": change.pipeline_id,
+                "old_status_id": change.old_status_id,
+                "old_pipeline_id": change.old_pipeline_id,
+                "modified_user_id": change.modified_user_id,
+                "last_modified": change.last_modified,
+                "fields": change.raw,
+            }),
+        })
+        .collect();
+    match inbox::insert(&state.pool, &items).await {
+        Ok(new) => {
+            tracing::info!(account = %account.name, items = items.len(), new, "amoCRM webhook stored.");
+            metrics::counter!("orderbridge_webhooks_total", "source" => "amocrm", "result" => "stored")
+                .increment(1);
+            StatusCode::OK.into_response()
+        }
+        Err(error) => {
+            // amoCRM retries non-2xx answers: nothing is lost.
+            tracing::error!(account = %account.name, %error, "Could not store an amoCRM webhook; answered 500 so amoCRM retries.");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! SQL of the inbox: what arrived from outside (webhooks, polled events),
+//! deduplicated and stored before anything acts on it.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value as Json;
+use sqlx::PgPool;
+
+use super::StoreError;
+
+/// One received item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewInboxItem {
+    pub source: String,
+    pub account: String,
+    pub kind: String,
+    pub dedupe_key: String,
+    pub payload: Json,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct InboxRow {
+    pub id: i64,
+    pub source: String,
+    pub account: String,
+    pub kind: String,
+    pub dedupe_key: String,
+    pub payload: Json,
+    pub received_at: DateTime<Utc>,
+    pub processed_at: Option<DateTime<Utc>>,
+}
+
+/// Stores items in one statement; duplicates (by dedupe key) are skipped.
+/// Returns how many were new.
+pub async fn insert(pool: &PgPool, items: &[NewInboxItem]) -> Result<u64, StoreError> {
+    if items.is_empty() {
+        return Ok(0);
+    }
+    let sources: Vec<&str> = items.iter().map(|i| i.source.as_str()).collect();
+    let accounts: Vec<&str> = items.iter().map(|i| i.account.as_str()).collect();
+    let kinds: Vec<&str> = items.iter().map(|i| i.kind.as_str()).collect();
+    let keys: Vec<&str> = items.iter().map(|i| i.dedupe_key.as_str()).collect();
+    let payloads: Vec<&Json> = items.iter().map(|i| &i.payload).collect();
+    let result = sqlx::query(
+        "INSERT INTO inbox (source, account, kind, dedupe_key, payload)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+         ON CONFLICT (dedupe_key) DO NOTHING",
+    )
+    .bind(&sources)
+    .bind(&accounts)
+    .bind(&kinds)
+    .bind(&keys)
+    .bind(&payloads)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Unprocessed items of a source, oldest first.
+pub async fn unprocessed(
+    pool: &PgPool,
+    source: &str,
+    limit: i64,
+) -> Result<Vec<InboxRow>, StoreError> {
+    let rows = sqlx::query_as(
+        "SELECT id, source, account, kind, dedupe_key, payload, received_at, processed_at
+         FROM inbox WHERE processed_at IS NULL AND source = $1 ORDER BY id LIMIT $2",
+    )
+    .bind(source)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
