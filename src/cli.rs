@@ -83,6 +83,8 @@ pub enum CircuitAction {
 pub enum BenchWhich {
     /// The outbox engine: drain throughput, latency, rate-limit accuracy.
     Outbox(crate::bench::outbox::OutboxBenchArgs),
+    /// The amoCRM client against the simulator at 7 req/s: 10,000 status updates.
+    Amocrm(crate::bench::amocrm::AmoBenchArgs),
 }
 
 /// Exit code for an invalid configuration.
@@ -110,6 +112,11 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             which: BenchWhich::Outbox(args),
         } => {
             crate::bench::outbox::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Bench {
+            which: BenchWhich::Amocrm(args),
+        } => {
+            crate::bench::amocrm::run(&settings, &args, &mut std::io::stdout()).await?;
         }
     }
     Ok(())

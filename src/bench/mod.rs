@@ -2,4 +2,5 @@
 //! `key: value`. Benchmarks run against the configured PostgreSQL in scratch
 //! databases that are dropped afterwards.
 
+pub mod amocrm;
 pub mod outbox;
