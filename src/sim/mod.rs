@@ -2,3 +2,4 @@
 //! from the API facts in `shared/apis/*.md` and independently of the
 //! connectors: they share no wire types or parsing code with the clients.
 //! Used by tests, benchmarks and the demo; nothing else imports this module.
+pub mod amocrm;

@@ -1,0 +1,421 @@
+//! In-process simulator of the amoCRM (Kommo) REST API v4, written from
+//! `shared/apis/amocrm.md` and nothing else.
+//!
+//! It owns one simulated account: OAuth tokens (with refresh-token rotation),
+//! the per-account rate limit and the block that follows repeated 429s,
+//! pipelines, custom fields, users, leads, contacts, companies, links, notes,
+//! tasks, `lead_status_changed` events, account webhooks and their delivery.
+//! Tests drive it through [`AmoSim`]: seed data, inject faults, play a manager
+//! moving a lead, and inspect what the client did.
+//!
+//! Layout: [`server`] is the HTTP front (faults, block, rate limit, auth,
+//! routing, logging); `oauth`, `leads`, `contacts`, `catalog` (pipelines,
+//! fields, users, account), `activity` (notes, tasks, events, webhooks API)
+//! answer the endpoints; `hooks` delivers webhooks; `state` holds the data;
+//! `wire` has the query, paging and error-body helpers.
+//!
+//! Choices where the facts are silent are listed on [`AmoSim`].
+
+mod activity;
+mod catalog;
+mod contacts;
+mod hooks;
+mod leads;
+mod oauth;
+mod server;
+mod state;
+mod wire;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::task::AbortHandle;
+
+use state::State;
+
+/// How the simulated account behaves. `Default` gives the documented limits.
+#[derive(Clone, Debug)]
+pub struct AmoSimConfig {
+    /// The account subdomain, echoed in webhooks (`account[subdomain]`).
+    pub subdomain: String,
+    /// The account id, echoed in bodies and webhooks.
+    pub account_id: u64,
+    /// More served requests than this within any 1-second sliding window get 429.
+    pub rate_per_second: u32,
+    /// After this many rate-limit 429s the account is blocked (403 HTML) until `unblock`.
+    pub block_after_429s: u32,
+    /// If set, this bearer token is always valid (until `revoke_all_tokens`).
+    pub long_lived_token: Option<String>,
+    /// OAuth integration id.
+    pub client_id: String,
+    /// OAuth integration secret.
+    pub client_secret: String,
+    /// OAuth redirect URI the token requests must repeat.
+    pub redirect_uri: String,
+    /// A refresh token that is valid at start.
+    pub initial_refresh_token: String,
+    /// Lifetime of issued access tokens; an expired one gets 401.
+    pub access_token_ttl: Duration,
+}
+
+impl Default for AmoSimConfig {
+    fn default() -> Self {
+        AmoSimConfig {
+            subdomain: "example".to_string(),
+            account_id: 31_361_463,
+            rate_per_second: 7,
+            block_after_429s: 20,
+            long_lived_token: None,
+            client_id: "sim-client-id".to_string(),
+            client_secret: "sim-client-secret".to_string(),
+            redirect_uri: "https://bridge.example/oauth/callback".to_string(),
+            initial_refresh_token: "def50200initialrefreshtoken".to_string(),
+            access_token_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// A failure to answer the next API calls with, instead of their real answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// 500 problem+json with a `trace_id`.
+    ServerError,
+    /// Holds the request ~35 s, then 504 (clients time out first).
+    Timeout,
+    /// Closes the connection without writing a response.
+    ConnectionReset,
+    /// 429 with the documented JSON body and `retry_after`.
+    TooManyRequests,
+    /// 504 with an nginx HTML page.
+    GatewayTimeout,
+}
+
+/// A pipeline as seeded: stages in order, incoming first, then 142 and 143 last.
+#[derive(Clone, Debug)]
+pub struct SimPipeline {
+    pub id: u64,
+    pub name: String,
+    pub stages: Vec<(u64, String)>,
+}
+
+/// A lead custom field as seeded, with its enum ids in order.
+#[derive(Clone, Debug)]
+pub struct SimField {
+    pub id: u64,
+    pub name: String,
+    pub enums: Vec<(u64, String)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimLead {
+    pub id: u64,
+    pub name: String,
+    pub price: i64,
+    pub pipeline_id: u64,
+    pub status_id: u64,
+    pub responsible_user_id: u64,
+    /// As the API reads it back: an array of `{field_id, field_name, field_code, field_type, values}`, or null.
+    pub custom_fields_values: serde_json::Value,
+    pub tags: Vec<String>,
+    pub contact_ids: Vec<u64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// The `request_id` the lead was created with (the API echoes it but never reads it back).
+    pub request_id: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimContact {
+    pub id: u64,
+    pub name: String,
+    pub phones: Vec<String>,
+    pub emails: Vec<String>,
+    pub updated_at: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimNote {
+    pub id: u64,
+    pub entity_id: u64,
+    pub note_type: String,
+    pub text: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimTask {
+    pub id: u64,
+    pub text: String,
+    pub complete_till: i64,
+    pub entity_id: Option<u64>,
+    pub entity_type: Option<String>,
+    pub responsible_user_id: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimLink {
+    pub lead_id: u64,
+    pub contact_id: u64,
+    pub main: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimWebhook {
+    pub id: u64,
+    pub destination: String,
+    pub settings: Vec<String>,
+    pub disabled: bool,
+}
+
+/// One request the simulator received. `status` 0 means the connection was
+/// dropped without an answer.
+#[derive(Clone, Debug)]
+pub struct SimRequest {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub body: String,
+    pub status: u16,
+    pub at: Instant,
+}
+
+/// One outgoing webhook POST; `status` is None when it failed or timed out (2 s).
+#[derive(Clone, Debug)]
+pub struct SimDelivery {
+    pub destination: String,
+    pub form: Vec<(String, String)>,
+    pub status: Option<u16>,
+}
+
+/// The shared core the server task and the handle both use.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    http: reqwest::Client,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a test panicked mid-request; the data is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Owner {
+    shared: Arc<Shared>,
+    base_url: String,
+    server: AbortHandle,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A running simulated amoCRM account on `127.0.0.1:PORT`. Clones share it;
+/// the server stops when the last clone is dropped.
+///
+/// Behaviour where the API facts are silent:
+/// - Order of the front: blocked (403) → injected fault → rate limit → auth → route.
+///   Injected faults neither count in the rate window nor towards the block.
+/// - The API user (`created_by`, `modified_user_id` of API changes) is the first
+///   seeded user, or 1 when none is seeded.
+/// - A lead created without `status_id` goes to the first regular stage (after the
+///   incoming one) of its pipeline (`pipeline_id`, else the main, first seeded pipeline);
+///   a `status_id` without `pipeline_id` selects the pipeline that has it (142/143:
+///   the main pipeline on create, the lead's current pipeline on update).
+///   A `pipeline_id` without `status_id` on update moves to that pipeline's first regular stage.
+/// - `POST /leads/complex` with more than 50 leads → 422 "Limit 50 per request".
+/// - `POST /leads/{id}/link` for a missing lead → 404 problem+json "Lead not found".
+/// - `PATCH /leads/{id}` for a missing lead → 400 validation-errors (request_id "0").
+/// - Events are listed newest first; `filter[created_at]=TS` means created at or after TS.
+/// - Leads are listed by id ascending unless `order[...]` says otherwise.
+/// - The account timezone is Europe/Moscow (UTC+3): `date` and `birthday` field
+///   values are moved to local midnight, `date_time` values are kept.
+/// - 504 (fault or timeout) answers with an nginx HTML page, like the 403 block.
+/// - Webhooks are delivered once (no retry ladder); a webhook is disabled after
+///   more than 100 failed deliveries within 2 hours when the latest also failed.
+#[derive(Clone)]
+pub struct AmoSim {
+    owner: Arc<Owner>,
+}
+
+impl AmoSim {
+    /// Binds `127.0.0.1:0` and serves in a spawned task.
+    pub async fn start(config: AmoSimConfig) -> std::io::Result<AmoSim> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let base_url = format!("http://{addr}");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .map_err(std::io::Error::other)?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::new(config, base_url.clone())),
+            http,
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let server = tokio::spawn(server::serve(listener, shared.clone())).abort_handle();
+        Ok(AmoSim {
+            owner: Arc::new(Owner {
+                shared,
+                base_url,
+                server,
+            }),
+        })
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.owner.shared
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.owner.shared.lock()
+    }
+
+    /// `http://127.0.0.1:PORT`; the API is under `/api/v4/...`, the token under `/oauth2/access_token`.
+    pub fn base_url(&self) -> String {
+        self.owner.base_url.clone()
+    }
+
+    /// Adds a pipeline: the incoming stage (type 1), the named stages, then 142 and 143.
+    /// The first seeded pipeline is the main one.
+    pub fn seed_pipeline(&self, name: &str, stages: &[&str]) -> SimPipeline {
+        self.lock().add_pipeline(name, stages)
+    }
+
+    pub fn seed_user(&self, name: &str) -> u64 {
+        self.lock().add_user(name)
+    }
+
+    /// Adds a lead custom field of `field_type` (`text`, `select`, `date`, …) with these enum labels.
+    pub fn seed_lead_field(&self, name: &str, field_type: &str, enums: &[&str]) -> SimField {
+        self.lock().add_lead_field(name, field_type, enums)
+    }
+
+    /// Adds a contact; phones and emails are stored exactly as given.
+    pub fn seed_contact(&self, name: &str, phones: &[&str], emails: &[&str]) -> u64 {
+        self.lock().add_seed_contact(name, phones, emails)
+    }
+
+    /// The next `times` calls to any endpoint (token endpoint included) get `fault`.
+    pub fn inject(&self, fault: Fault, times: usize) {
+        let mut st = self.lock();
+        for _ in 0..times {
+            st.faults.push_back(fault);
+        }
+    }
+
+    /// A manager moves the lead in the UI: the lead changes, a `lead_status_changed`
+    /// event is recorded with `created_by = user_id`, and webhooks fire.
+    /// An unknown lead is ignored.
+    pub fn manager_moves_lead(&self, lead_id: u64, pipeline_id: u64, status_id: u64, user_id: u64) {
+        let jobs = {
+            let mut st = self.lock();
+            let Some(change) = st.move_lead(lead_id, pipeline_id, status_id, user_id) else {
+                tracing::warn!(lead_id, "simulated manager moved an unknown lead");
+                return;
+            };
+            st.hook_jobs(&[change])
+        };
+        hooks::spawn_all(self.shared(), jobs);
+    }
+
+    pub fn unblock(&self) {
+        let mut st = self.lock();
+        st.blocked = false;
+        st.too_many = 0;
+        st.window.clear();
+    }
+
+    pub fn is_blocked(&self) -> bool {
+        self.lock().blocked
+    }
+
+    /// The integration is uninstalled: every access, refresh and long-lived token now gets 401.
+    pub fn revoke_all_tokens(&self) {
+        self.lock().tokens.revoke_all();
+    }
+
+    pub fn leads(&self) -> Vec<SimLead> {
+        let st = self.lock();
+        st.leads.keys().filter_map(|id| st.sim_lead(*id)).collect()
+    }
+
+    pub fn lead(&self, id: u64) -> Option<SimLead> {
+        self.lock().sim_lead(id)
+    }
+
+    pub fn contacts(&self) -> Vec<SimContact> {
+        self.lock()
+            .contacts
+            .values()
+            .map(|c| SimContact {
+                id: c.id,
+                name: c.name.clone(),
+                phones: c.phones.iter().map(|p| p.0.clone()).collect(),
+                emails: c.emails.iter().map(|e| e.0.clone()).collect(),
+                updated_at: c.updated_at,
+            })
+            .collect()
+    }
+
+    pub fn notes(&self) -> Vec<SimNote> {
+        self.lock().notes.clone()
+    }
+
+    pub fn tasks(&self) -> Vec<SimTask> {
+        self.lock().tasks.clone()
+    }
+
+    pub fn links(&self) -> Vec<SimLink> {
+        self.lock().links.clone()
+    }
+
+    pub fn webhooks(&self) -> Vec<SimWebhook> {
+        self.lock()
+            .webhooks
+            .iter()
+            .map(|w| SimWebhook {
+                id: w.id,
+                destination: w.destination.clone(),
+                settings: w.settings.clone(),
+                disabled: w.disabled,
+            })
+            .collect()
+    }
+
+    pub fn set_webhook_disabled(&self, destination: &str, disabled: bool) {
+        let mut st = self.lock();
+        for w in st
+            .webhooks
+            .iter_mut()
+            .filter(|w| w.destination == destination)
+        {
+            w.disabled = disabled;
+        }
+    }
+
+    /// Every request received (API and token endpoint), in order of their answers.
+    pub fn requests(&self) -> Vec<SimRequest> {
+        self.lock().requests.clone()
+    }
+
+    /// How many responses had this status (0: dropped connections).
+    pub fn count_status(&self, status: u16) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.status == status)
+            .count()
+    }
+
+    /// Token calls with `grant_type=refresh_token`, accepted or not.
+    pub fn refresh_calls(&self) -> usize {
+        self.lock().refresh_calls
+    }
+
+    pub fn webhook_deliveries(&self) -> Vec<SimDelivery> {
+        self.lock().deliveries.clone()
+    }
+}

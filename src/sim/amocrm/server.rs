@@ -1,0 +1,393 @@
+//! The HTTP front: a listener whose connections can be dropped on purpose,
+//! then for every request, in order: the 403 block, injected faults, the
+//! 1-second sliding-window rate limit, bearer auth, routing, the request log,
+//! `X-Request-Id`, and the webhook deliveries the request caused.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, State as AxState};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::serve::{IncomingStream, Listener};
+use axum::Router;
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::state::{LeadChange, State};
+use super::wire::{problem_body, Body, Query, Reply};
+use super::{activity, catalog, contacts, hooks, leads, oauth, Fault, Shared, SimRequest};
+
+/// What a route handler sees of the request.
+pub(super) struct Req<'a> {
+    pub method: &'a Method,
+    pub query: Query,
+    pub body: &'a [u8],
+}
+
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let app = Router::new().fallback(handle).with_state(shared);
+    let service = app.into_make_service_with_connect_info::<ConnHandle>();
+    if let Err(error) = axum::serve(SimListener(listener), service).await {
+        tracing::warn!(%error, "amoCRM simulator stopped serving");
+    }
+}
+
+struct SimListener(TcpListener);
+
+/// Lets a handler drop its connection without an answer.
+#[derive(Clone, Debug)]
+struct ConnHandle {
+    kill: Arc<AtomicBool>,
+}
+
+impl Listener for SimListener {
+    type Io = SimStream;
+    type Addr = ConnHandle;
+
+    async fn accept(&mut self) -> (SimStream, ConnHandle) {
+        loop {
+            match self.0.accept().await {
+                Ok((stream, _)) => {
+                    let kill = Arc::new(AtomicBool::new(false));
+                    return (
+                        SimStream {
+                            inner: stream,
+                            kill: kill.clone(),
+                        },
+                        ConnHandle { kill },
+                    );
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "amoCRM simulator accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<ConnHandle> {
+        Ok(ConnHandle {
+            kill: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+impl Connected<IncomingStream<'_, SimListener>> for ConnHandle {
+    fn connect_info(stream: IncomingStream<'_, SimListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+struct SimStream {
+    inner: TcpStream,
+    kill: Arc<AtomicBool>,
+}
+
+impl SimStream {
+    fn killed(&self) -> bool {
+        self.kill.load(Ordering::SeqCst)
+    }
+}
+
+impl AsyncRead for SimStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.killed() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SimStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.killed() {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.killed() {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What the front decided before any handler ran.
+enum Front {
+    Answer(Reply),
+    Hold,
+    Drop,
+}
+
+async fn handle(
+    AxState(shared): AxState<Arc<Shared>>,
+    ConnectInfo(conn): ConnectInfo<ConnHandle>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let path = uri.path().to_string();
+    let raw_query = uri.query().unwrap_or_default().to_string();
+    let (front, jobs) = {
+        let mut st = shared.lock();
+        let mut changes = Vec::new();
+        let front = decide(
+            &mut st,
+            &method,
+            &path,
+            &raw_query,
+            &headers,
+            &body,
+            &mut changes,
+        );
+        let status = match &front {
+            Front::Answer(r) => r.status,
+            Front::Hold => 504,
+            Front::Drop => 0,
+        };
+        st.requests.push(SimRequest {
+            method: method.to_string(),
+            path: path.clone(),
+            query: raw_query.clone(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+            status,
+            at: Instant::now(),
+        });
+        let jobs = st.hook_jobs(&changes);
+        (front, jobs)
+    };
+    hooks::spawn_all(&shared, jobs);
+    match front {
+        Front::Answer(reply) => respond(reply, &request_id),
+        Front::Hold => {
+            tokio::time::sleep(Duration::from_secs(35)).await;
+            respond(Reply::html(504, "Gateway Time-out"), &request_id)
+        }
+        Front::Drop => {
+            conn.kill.store(true, Ordering::SeqCst);
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+fn too_many() -> Reply {
+    Reply {
+        status: 429,
+        body: Body::ProblemText(
+            r#"{"title":"Too Many Requests","type":"https://httpstatus.es/429","status":429,"detail":"You have sent too many requests in a given amount of time. Please try again later.","retry_after":1}"#
+                .to_string(),
+        ),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decide(
+    st: &mut State,
+    method: &Method,
+    path: &str,
+    raw_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    changes: &mut Vec<LeadChange>,
+) -> Front {
+    if st.blocked {
+        return Front::Answer(Reply::html(403, "Forbidden"));
+    }
+    if let Some(fault) = st.faults.pop_front() {
+        return match fault {
+            Fault::ServerError => {
+                let mut body = problem_body(500, "Internal Server Error", "Internal Server Error");
+                if let serde_json::Value::Object(map) = &mut body {
+                    map.insert(
+                        "trace_id".into(),
+                        json!(uuid::Uuid::new_v4().simple().to_string()),
+                    );
+                }
+                Front::Answer(Reply {
+                    status: 500,
+                    body: Body::Problem(body),
+                })
+            }
+            Fault::Timeout => Front::Hold,
+            Fault::ConnectionReset => Front::Drop,
+            Fault::TooManyRequests => Front::Answer(too_many()),
+            Fault::GatewayTimeout => Front::Answer(Reply::html(504, "Gateway Time-out")),
+        };
+    }
+    let now = Instant::now();
+    while st
+        .window
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+    {
+        st.window.pop_front();
+    }
+    if st.window.len() >= st.cfg.rate_per_second as usize {
+        st.too_many += 1;
+        if st.too_many >= st.cfg.block_after_429s {
+            st.blocked = true;
+        }
+        return Front::Answer(too_many());
+    }
+    st.window.push_back(now);
+
+    let req = Req {
+        method,
+        query: Query::parse(raw_query),
+        body,
+    };
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segs.as_slice() {
+        ["oauth2", "access_token"] => {
+            if method == Method::POST {
+                Front::Answer(oauth::token(st, &req))
+            } else {
+                Front::Answer(not_allowed())
+            }
+        }
+        ["api", "v4", rest @ ..] => {
+            if !authorized(st, headers, now) {
+                return Front::Answer(Reply::problem(401, "Unauthorized", "Unauthorized"));
+            }
+            Front::Answer(api(st, &req, rest, changes))
+        }
+        _ => Front::Answer(Reply::not_found("Not Found")),
+    }
+}
+
+fn authorized(st: &State, headers: &HeaderMap, now: Instant) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|token| st.tokens.access_valid(token.trim(), now))
+}
+
+fn not_allowed() -> Reply {
+    Reply::problem(405, "Method Not Allowed", "Method Not Allowed")
+}
+
+fn only(ok: bool, f: impl FnOnce() -> Reply) -> Reply {
+    if ok {
+        f()
+    } else {
+        not_allowed()
+    }
+}
+
+fn id(seg: &str) -> Option<u64> {
+    seg.parse().ok()
+}
+
+/// A path id already checked by `id`.
+fn n(seg: &str) -> u64 {
+    seg.parse().unwrap_or(0)
+}
+
+/// Routes `/api/v4/{rest}`.
+fn api(st: &mut State, req: &Req, rest: &[&str], changes: &mut Vec<LeadChange>) -> Reply {
+    let m = req.method;
+    let get = m == Method::GET;
+    let post = m == Method::POST;
+    let patch = m == Method::PATCH;
+    match rest {
+        ["account"] => only(get, || catalog::account(st, req)),
+        ["users"] => only(get, || catalog::users(st, req)),
+        ["users", u] if id(u).is_some() => only(get, || catalog::user(st, n(u))),
+        ["leads", "pipelines"] => only(get, || catalog::pipelines(st)),
+        ["leads", "pipelines", p] if id(p).is_some() => only(get, || catalog::pipeline(st, n(p))),
+        ["leads", "pipelines", p, "statuses"] if id(p).is_some() => {
+            only(get, || catalog::statuses(st, n(p)))
+        }
+        ["leads", "pipelines", p, "statuses", s] if id(p).is_some() && id(s).is_some() => {
+            only(get, || catalog::status(st, n(p), n(s)))
+        }
+        ["leads", "custom_fields"] => only(get, || catalog::custom_fields(st, req, true)),
+        ["contacts", "custom_fields"] => only(get, || catalog::custom_fields(st, req, false)),
+        ["leads", "loss_reasons"] => only(get, Reply::no_content),
+        ["leads", "complex"] => only(post, || leads::complex(st, req, changes)),
+        ["leads", "notes"] => only(post, || activity::add_notes(st, req)),
+        ["leads"] => match *m {
+            Method::GET => leads::list(st, req),
+            Method::POST => leads::create(st, req, changes),
+            Method::PATCH => leads::update_batch(st, req, changes),
+            _ => not_allowed(),
+        },
+        ["leads", l] if id(l).is_some() => {
+            if get {
+                leads::get_one(st, req, n(l))
+            } else if patch {
+                leads::update_one(st, req, n(l), changes)
+            } else {
+                not_allowed()
+            }
+        }
+        ["leads", l, "link"] if id(l).is_some() => only(post, || leads::link(st, req, n(l))),
+        ["leads", l, "unlink"] if id(l).is_some() => only(post, || leads::unlink(st, req, n(l))),
+        ["leads", l, "links"] if id(l).is_some() => only(get, || leads::links(st, n(l))),
+        ["contacts"] => match *m {
+            Method::GET => contacts::list(st, req),
+            Method::POST => contacts::create(st, req),
+            _ => not_allowed(),
+        },
+        ["companies", c] if id(c).is_some() => only(get, || contacts::company(st, n(c))),
+        ["contacts", c] if id(c).is_some() => only(get, || contacts::get_one(st, req, n(c))),
+        ["tasks"] => match *m {
+            Method::GET => activity::list_tasks(st, req),
+            Method::POST => activity::add_tasks(st, req),
+            _ => not_allowed(),
+        },
+        ["events"] => only(get, || activity::events(st, req)),
+        ["webhooks"] => match *m {
+            Method::GET => activity::list_webhooks(st, req),
+            Method::POST => activity::subscribe(st, req),
+            Method::DELETE => activity::unsubscribe(st, req),
+            _ => not_allowed(),
+        },
+        _ => Reply::not_found("Not Found"),
+    }
+}
+
+fn respond(reply: Reply, request_id: &str) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", v);
+    }
+    let (content_type, text) = match reply.body {
+        Body::Hal(v) => (Some("application/hal+json"), v.to_string()),
+        Body::Json(v) => (Some("application/json"), v.to_string()),
+        Body::Problem(v) => (Some("application/problem+json"), v.to_string()),
+        Body::ProblemText(s) => (Some("application/problem+json"), s),
+        Body::Html(s) => (Some("text/html"), s),
+        Body::Empty => (None, String::new()),
+    };
+    if let Some(ct) = content_type {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    }
+    (status, headers, text).into_response()
+}
