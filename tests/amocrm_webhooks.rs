@@ -161,3 +161,24 @@ async fn the_simulator_s_webhook_for_a_status_change_lands_in_the_inbox() {
     shutdown.cancel();
     db.drop_now().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_an_open_circuit() {
+    let db = fresh_db().await;
+    let (base, shutdown) = serve(db.pool.clone(), 1024).await;
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let until = chrono::Utc::now() + chrono::Duration::minutes(30);
+    orderbridge::store::circuits::open(&db.pool, "amocrm:main", until, "amoCRM answered 403")
+        .await
+        .unwrap();
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["checks"]["database"], "ok");
+    assert_eq!(body["checks"]["open_circuits"][0]["target"], "amocrm:main");
+    orderbridge::store::circuits::close(&db.pool, "amocrm:main").await.unwrap();
+    assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), 200);
+    shutdown.cancel();
+    db.drop_now().await.unwrap();
+}
