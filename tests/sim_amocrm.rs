@@ -1045,3 +1045,103 @@ async fn catalog_links_notes_and_tasks() {
         "complete_till"
     );
 }
+
+#[tokio::test]
+async fn complex_metadata_incoming_and_webhook_settings_are_checked() {
+    let sim = start(config()).await;
+    let pipe = sim.seed_pipeline("Sales", &["New", "Paid"]);
+    let v = ok_json(
+        &sim,
+        Method::POST,
+        "/api/v4/leads/complex",
+        json!([{"name": "From a form", "status_id": pipe.stages[2].0,
+                "_embedded": {"metadata": {"category": "forms", "form_id": "1"}}}]),
+    )
+    .await;
+    let lead = sim.lead(v[0]["id"].as_u64().unwrap()).unwrap();
+    assert_eq!(
+        lead.status_id, pipe.stages[0].0,
+        "metadata puts it in the incoming stage"
+    );
+
+    let bad = call(
+        &sim,
+        Method::POST,
+        "/api/v4/webhooks",
+        Some(json!({"destination": "https://x.example/h", "settings": ["status_leads"]})),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(
+        bad.json()["validation-errors"][0]["errors"][0]["path"],
+        "settings.0"
+    );
+    assert_eq!(get(&sim, "/api/v4/webhooks").await.status, 204);
+
+    // If-Modified-Since in the future: nothing modified since.
+    let a = reqwest::Client::new()
+        .get(format!("{}/api/v4/leads", sim.base_url()))
+        .bearer_auth(TOKEN)
+        .header("If-Modified-Since", "Fri, 01 Jan 2100 00:00:00 GMT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(a.status(), 204);
+}
+
+#[tokio::test]
+async fn the_token_endpoint_counts_against_the_rate_limit() {
+    let cfg = AmoSimConfig {
+        rate_per_second: 2,
+        ..config()
+    };
+    let sim = start(cfg.clone()).await;
+    assert_eq!(
+        refresh(&sim, &cfg, &cfg.initial_refresh_token).await.status,
+        200
+    );
+    assert_eq!(refresh(&sim, &cfg, "stale").await.status, 401);
+    assert_eq!(get(&sim, "/api/v4/leads").await.status, 429);
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    assert_eq!(
+        get(&sim, "/api/v4/leads").await.status,
+        204,
+        "the window slides"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_webhook_is_disabled_after_more_than_100_failures() {
+    let sim = start(config()).await;
+    let pipe = sim.seed_pipeline("Sales", &["A", "B"]);
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hook", l.local_addr().unwrap())
+    };
+    ok_json(
+        &sim,
+        Method::POST,
+        "/api/v4/webhooks",
+        json!({"destination": dead, "settings": ["status_lead"]}),
+    )
+    .await;
+    let v = ok_json(&sim, Method::POST, "/api/v4/leads", json!([{"name": "L"}])).await;
+    let id = v["_embedded"]["leads"][0]["id"].as_u64().unwrap();
+    for i in 0..101 {
+        sim.manager_moves_lead(id, pipe.id, pipe.stages[2 - i % 2].0, 1);
+        if i == 99 {
+            wait_for("100 failures", || {
+                (sim.webhook_deliveries().len() == 100).then_some(())
+            })
+            .await;
+            assert!(
+                !sim.webhooks()[0].disabled,
+                "100 failures are not more than 100"
+            );
+        }
+    }
+    wait_for("disabled", || sim.webhooks()[0].disabled.then_some(())).await;
+    assert!(sim.webhook_deliveries().iter().all(|d| d.status.is_none()));
+    let listed = get(&sim, "/api/v4/webhooks").await.json();
+    assert_eq!(listed["_embedded"]["webhooks"][0]["disabled"], true);
+}

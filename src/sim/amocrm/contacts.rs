@@ -292,6 +292,7 @@ pub(super) fn list(st: &State, req: &Req) -> Reply {
         .values()
         .filter(|c| ids.is_empty() || ids.contains(&c.id))
         .filter(|c| query.is_empty() || matches(c, query))
+        .filter(|c| req.if_modified_since.is_none_or(|t| c.updated_at >= t))
         .map(|c| contact_json(st, c, q.with("leads")))
         .collect();
     let (items, next) = paging.slice(&all);

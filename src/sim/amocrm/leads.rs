@@ -12,6 +12,9 @@ use super::wire::{
     array_body, hal_page, object_body, request_id_of, self_link, Check, ItemErrors, Paging, Reply,
 };
 
+/// At most this many custom-field values per entity in `/leads/complex`.
+const MAX_COMPLEX_FIELDS: usize = 40;
+
 const ENUM_TYPES: [&str; 4] = ["select", "radiobutton", "multiselect", "category"];
 
 /// `date` and `birthday` values move to midnight of their day in the account timezone.
@@ -488,6 +491,37 @@ pub(super) fn complex(st: &mut State, req: &Req, changes: &mut Vec<LeadChange>) 
                 );
             }
         }
+        for (entity, path) in [
+            (item, "custom_fields_values"),
+            (
+                embedded.pointer("/contacts/0").unwrap_or(&Value::Null),
+                "_embedded.contacts.0.custom_fields_values",
+            ),
+        ] {
+            let count = entity
+                .get("custom_fields_values")
+                .and_then(Value::as_array)
+                .map_or(0, |a| a.len());
+            if count > MAX_COMPLEX_FIELDS {
+                check.err(
+                    "Count",
+                    path,
+                    "This collection should contain 40 elements or less.",
+                );
+            }
+        }
+        // Incoming (unsorted) leads: any stage but the incoming one is ignored.
+        if embedded.get("metadata").is_some_and(Value::is_object) {
+            if let Some(p) = plan.as_mut() {
+                let incoming = st
+                    .pipeline(p.pipeline_id)
+                    .and_then(|pl| pl.statuses.iter().find(|s| s.kind == 1))
+                    .map(|s| s.id);
+                if let Some(incoming) = incoming {
+                    p.status_id = incoming;
+                }
+            }
+        }
         let rid = request_id_of(item, i);
         match check.finish(rid.clone()) {
             Some(e) => errors.push(e),
@@ -840,6 +874,7 @@ pub(super) fn list(st: &State, req: &Req) -> Reply {
         .filter(|l| pipelines.is_empty() || pipelines.contains(&l.pipeline_id))
         .filter(|l| users.is_empty() || users.contains(&l.responsible_user_id))
         .filter(|l| in_range(l.updated_at, updated) && in_range(l.created_at, created))
+        .filter(|l| req.if_modified_since.is_none_or(|t| l.updated_at >= t))
         .filter(|l| st_pipeline.is_none_or(|p| l.pipeline_id as i64 == p))
         .filter(|l| st_status.is_none_or(|s| l.status_id as i64 == s))
         .filter(|l| {

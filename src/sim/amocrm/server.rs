@@ -29,11 +29,16 @@ use super::{activity, catalog, contacts, hooks, leads, oauth, Fault, Shared, Sim
 pub(super) struct Req<'a> {
     pub method: &'a Method,
     pub query: Query,
+    /// `If-Modified-Since` as Unix seconds: lists keep entities updated at or after it.
+    pub if_modified_since: Option<i64>,
     pub body: &'a [u8],
 }
 
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let app = Router::new().fallback(handle).with_state(shared);
+    let app = Router::new()
+        .fallback(handle)
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
+        .with_state(shared);
     let service = app.into_make_service_with_connect_info::<ConnHandle>();
     if let Err(error) = axum::serve(SimListener(listener), service).await {
         tracing::warn!(%error, "amoCRM simulator stopped serving");
@@ -258,6 +263,11 @@ fn decide(
     let req = Req {
         method,
         query: Query::parse(raw_query),
+        if_modified_since: headers
+            .get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| chrono::DateTime::parse_from_rfc2822(v).ok())
+            .map(|t| t.timestamp()),
         body,
     };
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
