@@ -1145,3 +1145,9 @@ async fn a_failing_webhook_is_disabled_after_more_than_100_failures() {
     let listed = get(&sim, "/api/v4/webhooks").await.json();
     assert_eq!(listed["_embedded"]["webhooks"][0]["disabled"], true);
 }
+
+#[test]
+fn the_handle_can_be_shared_across_tasks() {
+    fn send_sync<T: Send + Sync + Clone + 'static>() {}
+    send_sync::<AmoSim>();
+}

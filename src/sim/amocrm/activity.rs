@@ -298,7 +298,7 @@ pub(super) fn events(st: &State, req: &Req) -> Reply {
         Err(r) => return r,
     };
     let stages = target_stages(req);
-    let all: Vec<Value> = st
+    let found: Vec<&Event> = st
         .events
         .iter()
         .rev()
@@ -314,9 +314,9 @@ pub(super) fn events(st: &State, req: &Req) -> Reply {
                     p.is_none_or(|p| p == e.after.1) && s.is_none_or(|s| s == e.after.0)
                 })
         })
-        .map(|e| event_json(st, e))
         .collect();
-    let (items, next) = paging.slice(&all);
+    let (page, next) = paging.slice(&found);
+    let items: Vec<Value> = page.into_iter().map(|e| event_json(st, e)).collect();
     hal_page(
         &st.base_url,
         "/api/v4/events",

@@ -899,11 +899,11 @@ pub(super) fn list(st: &State, req: &Req) -> Reply {
         }
     }
     let with_contacts = q.with("contacts");
-    let all: Vec<Value> = found
+    let (page, next) = paging.slice(&found);
+    let items: Vec<Value> = page
         .into_iter()
         .map(|l| lead_json(st, l, with_contacts))
         .collect();
-    let (items, next) = paging.slice(&all);
     hal_page(
         &st.base_url,
         "/api/v4/leads",

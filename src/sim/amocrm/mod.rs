@@ -217,7 +217,11 @@ impl Drop for Owner {
 ///
 /// Behaviour where the API facts are silent:
 /// - Order of the front: blocked (403) → injected fault → rate limit → auth → route.
-///   Injected faults neither count in the rate window nor towards the block.
+///   Injected faults neither count in the rate window nor towards the block;
+///   `unblock` also clears the 429 count and the window.
+/// - The refresh token given last and the one used to get it are both valid; using
+///   either retires all others (so a lost response can be retried once with the old one).
+/// - `If-Modified-Since` on lead and contact lists keeps entities updated at or after it.
 /// - The API user (`created_by`, `modified_user_id` of API changes) is the first
 ///   seeded user, or 1 when none is seeded.
 /// - A lead created without `status_id` goes to the first regular stage (after the

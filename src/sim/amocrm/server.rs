@@ -293,7 +293,9 @@ fn authorized(st: &State, headers: &HeaderMap, now: Instant) -> bool {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
         .is_some_and(|token| st.tokens.access_valid(token.trim(), now))
 }
 
