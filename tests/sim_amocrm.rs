@@ -150,7 +150,7 @@ async fn refresh(sim: &AmoSim, cfg: &AmoSimConfig, refresh_token: &str) -> Answe
 #[tokio::test]
 async fn every_api_call_needs_a_valid_bearer_token() {
     let cfg = AmoSimConfig {
-        access_token_ttl: Duration::from_secs(1),
+        access_token_ttl: Duration::from_secs(2),
         ..config()
     };
     let sim = start(cfg.clone()).await;
@@ -179,7 +179,7 @@ async fn every_api_call_needs_a_valid_bearer_token() {
     )
     .await;
     assert_eq!(a.status, 200);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let a = call_with(
         &sim,
         Some(&access),
