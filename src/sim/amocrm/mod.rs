@@ -8,19 +8,22 @@
 //! Tests drive it through [`AmoSim`]: seed data, inject faults, play a manager
 //! moving a lead, and inspect what the client did.
 //!
-//! Layout: [`server`] is the HTTP front (faults, block, rate limit, auth,
-//! routing, logging); `oauth`, `leads`, `contacts`, `catalog` (pipelines,
-//! fields, users, account), `activity` (notes, tasks, events, webhooks API)
-//! answer the endpoints; `hooks` delivers webhooks; `state` holds the data;
-//! `wire` has the query, paging and error-body helpers.
+//! Layout: `server` is the HTTP front (faults, block, rate limit, auth,
+//! routing, logging); `oauth`, `leads` (with `fields` and `links`),
+//! `contacts`, `catalog` (pipelines, fields, users, account) and `activity`
+//! (notes, tasks, events, webhooks API) answer the endpoints; `hooks` delivers
+//! webhooks; `state` holds the data; `wire` has the query, paging and
+//! error-body helpers.
 //!
 //! Choices where the facts are silent are listed on [`AmoSim`].
 
 mod activity;
 mod catalog;
 mod contacts;
+mod fields;
 mod hooks;
 mod leads;
+mod links;
 mod oauth;
 mod server;
 mod state;

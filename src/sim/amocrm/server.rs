@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::state::{LeadChange, State};
 use super::wire::{problem_body, Body, Query, Reply};
-use super::{activity, catalog, contacts, hooks, leads, oauth, Fault, Shared, SimRequest};
+use super::{activity, catalog, contacts, hooks, leads, links, oauth, Fault, Shared, SimRequest};
 
 /// What a route handler sees of the request.
 pub(super) struct Req<'a> {
@@ -358,9 +358,9 @@ fn api(st: &mut State, req: &Req, rest: &[&str], changes: &mut Vec<LeadChange>) 
                 not_allowed()
             }
         }
-        ["leads", l, "link"] if id(l).is_some() => only(post, || leads::link(st, req, n(l))),
-        ["leads", l, "unlink"] if id(l).is_some() => only(post, || leads::unlink(st, req, n(l))),
-        ["leads", l, "links"] if id(l).is_some() => only(get, || leads::links(st, n(l))),
+        ["leads", l, "link"] if id(l).is_some() => only(post, || links::link(st, req, n(l))),
+        ["leads", l, "unlink"] if id(l).is_some() => only(post, || links::unlink(st, req, n(l))),
+        ["leads", l, "links"] if id(l).is_some() => only(get, || links::links(st, n(l))),
         ["contacts"] => match *m {
             Method::GET => contacts::list(st, req),
             Method::POST => contacts::create(st, req),
