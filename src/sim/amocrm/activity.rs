@@ -298,7 +298,7 @@ pub(super) fn events(st: &State, req: &Req) -> Reply {
         Err(r) => return r,
     };
     let stages = target_stages(req);
-    let all: Vec<Value> = st
+    let found: Vec<&Event> = st
         .events
         .iter()
         .rev()
@@ -314,9 +314,9 @@ pub(super) fn events(st: &State, req: &Req) -> Reply {
                     p.is_none_or(|p| p == e.after.1) && s.is_none_or(|s| s == e.after.0)
                 })
         })
-        .map(|e| event_json(st, e))
         .collect();
-    let (items, next) = paging.slice(&all);
+    let (page, next) = paging.slice(&found);
+    let items: Vec<Value> = page.into_iter().map(|e| event_json(st, e)).collect();
     hal_page(
         &st.base_url,
         "/api/v4/events",
@@ -326,6 +326,23 @@ pub(super) fn events(st: &State, req: &Req) -> Reply {
         items,
         next,
     )
+}
+
+/// `{action}_{entity}` as amoCRM names webhook events (`status_lead`, `add_contact`, …).
+fn known_setting(s: &str) -> bool {
+    const ACTIONS: [&str; 7] = [
+        "add",
+        "update",
+        "delete",
+        "restore",
+        "status",
+        "responsible",
+        "note",
+    ];
+    const ENTITIES: [&str; 5] = ["lead", "contact", "company", "customer", "task"];
+    s.split_once('_')
+        .is_some_and(|(a, e)| ACTIONS.contains(&a) && ENTITIES.contains(&e))
+        || ["add_talk", "update_talk", "add_chat_template_review"].contains(&s)
 }
 
 fn webhook_json(st: &State, w: &Webhook) -> Value {
@@ -386,6 +403,11 @@ pub(super) fn subscribe(st: &mut State, req: &Req) -> Reply {
     };
     if settings.is_empty() {
         check.err("NotBlank", "settings", "This value should not be blank.");
+    }
+    for (i, setting) in settings.iter().enumerate() {
+        if !known_setting(setting) {
+            check.not_choice(format!("settings.{i}"));
+        }
     }
     let sort = check.opt_i64(&body, "sort", "sort").unwrap_or(0);
     if let Some(e) = check.finish("0".to_string()) {

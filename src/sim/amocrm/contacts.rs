@@ -287,14 +287,18 @@ pub(super) fn list(st: &State, req: &Req) -> Reply {
         Err(r) => return r,
     };
     let query = q.get("query").unwrap_or_default();
-    let all: Vec<Value> = st
+    let found: Vec<&Contact> = st
         .contacts
         .values()
         .filter(|c| ids.is_empty() || ids.contains(&c.id))
         .filter(|c| query.is_empty() || matches(c, query))
+        .filter(|c| req.if_modified_since.is_none_or(|t| c.updated_at >= t))
+        .collect();
+    let (page, next) = paging.slice(&found);
+    let items: Vec<Value> = page
+        .into_iter()
         .map(|c| contact_json(st, c, q.with("leads")))
         .collect();
-    let (items, next) = paging.slice(&all);
     hal_page(
         &st.base_url,
         "/api/v4/contacts",

@@ -1,169 +1,19 @@
 //! Leads: create (`POST /leads`, whole-request validation), complex create
 //! (`POST /leads/complex`, bare-array answer), update (`PATCH /leads`,
-//! `PATCH /leads/{id}`), reads (`GET /leads`, `GET /leads/{id}`), links, and
-//! the custom-field value rules shared by them.
+//! `PATCH /leads/{id}`) and reads (`GET /leads`, `GET /leads/{id}`).
 
 use serde_json::{json, Value};
 
 use super::contacts::{self, NewContact};
+use super::fields::{merge_fields, resolve_fields};
 use super::server::Req;
-use super::state::{now_ts, Company, Field, Lead, LeadChange, State, LOST, TZ_OFFSET_SECS, WON};
+use super::state::{now_ts, Company, Lead, LeadChange, State, LOST, WON};
 use super::wire::{
     array_body, hal_page, object_body, request_id_of, self_link, Check, ItemErrors, Paging, Reply,
 };
 
-const ENUM_TYPES: [&str; 4] = ["select", "radiobutton", "multiselect", "category"];
-
-/// `date` and `birthday` values move to midnight of their day in the account timezone.
-fn local_midnight(ts: i64) -> i64 {
-    let local = ts + TZ_OFFSET_SECS;
-    local - local.rem_euclid(86_400) - TZ_OFFSET_SECS
-}
-
-/// One value item of a write, checked against the field's type.
-fn field_value(f: &Field, v: &Value, path: &str, check: &mut Check) -> Option<Value> {
-    let Some(obj) = v.as_object() else {
-        check.err("InvalidType", path, "This value should be of type object.");
-        return None;
-    };
-    let value = obj.get("value").unwrap_or(&Value::Null);
-    let ft = f.field_type.as_str();
-    if ENUM_TYPES.contains(&ft) {
-        let found = match (obj.get("enum_id").and_then(Value::as_u64), value) {
-            (Some(id), _) => f.enums.iter().find(|(e, _)| *e == id),
-            (None, Value::String(label)) => f.enums.iter().find(|(_, l)| l == label),
-            _ => None,
-        };
-        return match found {
-            Some((id, label)) => Some(json!({"value": label, "enum_id": id, "enum_code": null})),
-            None => {
-                let key = if obj.contains_key("enum_id") {
-                    "enum_id"
-                } else {
-                    "value"
-                };
-                check.not_choice(format!("{path}.{key}"));
-                None
-            }
-        };
-    }
-    let stored = match ft {
-        "checkbox" => value.as_bool().map(Value::Bool),
-        "numeric" | "price" | "monetary" => match value {
-            Value::Number(_) => Some(value.clone()),
-            Value::String(s) if s.trim().parse::<f64>().is_ok() => Some(value.clone()),
-            _ => None,
-        },
-        "date" | "date_time" | "birthday" => {
-            let ts = match value {
-                Value::Number(n) => n.as_i64(),
-                Value::String(s) => s.trim().parse::<i64>().ok(),
-                _ => None,
-            };
-            ts.map(|t| {
-                json!(if ft == "date_time" {
-                    t
-                } else {
-                    local_midnight(t)
-                })
-            })
-        }
-        _ => match value {
-            Value::String(_) => Some(value.clone()),
-            Value::Number(n) => Some(Value::String(n.to_string())),
-            _ => None,
-        },
-    };
-    if stored.is_none() {
-        check.err(
-            "InvalidType",
-            format!("{path}.value"),
-            "This value is not valid.",
-        );
-    }
-    stored.map(|v| json!({"value": v}))
-}
-
-/// Resolves `custom_fields_values` of a lead write into read-form entries;
-/// `None` for a field means "clear it" (`values: null` or `[]`).
-pub(super) fn resolve_fields(
-    fields: &[Field],
-    raw: &Value,
-    check: &mut Check,
-) -> Vec<(u64, Option<Value>)> {
-    let Some(entries) = raw.as_array() else {
-        check.err(
-            "InvalidType",
-            "custom_fields_values",
-            "This value should be of type array.",
-        );
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for (i, entry) in entries.iter().enumerate() {
-        let path = format!("custom_fields_values.{i}");
-        let by_id = entry.get("field_id").and_then(Value::as_u64);
-        let by_code = entry.get("field_code").and_then(Value::as_str);
-        let field = fields.iter().find(|f| match (by_id, by_code) {
-            (Some(id), _) => f.id == id,
-            (None, Some(code)) => f.code.as_deref() == Some(code),
-            (None, None) => false,
-        });
-        let Some(field) = field else {
-            let key = if by_id.is_none() && by_code.is_some() {
-                "field_code"
-            } else {
-                "field_id"
-            };
-            check.not_choice(format!("{path}.{key}"));
-            continue;
-        };
-        let values = match entry.get("values") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(vs)) => vs.clone(),
-            Some(_) => {
-                check.err(
-                    "InvalidType",
-                    format!("{path}.values"),
-                    "This value should be of type array.",
-                );
-                continue;
-            }
-        };
-        let items: Vec<Value> = values
-            .iter()
-            .enumerate()
-            .filter_map(|(j, v)| field_value(field, v, &format!("{path}.values.{j}"), check))
-            .collect();
-        let read = (!items.is_empty()).then(|| {
-            json!({
-                "field_id": field.id,
-                "field_name": field.name,
-                "field_code": field.code,
-                "field_type": field.field_type,
-                "values": items,
-            })
-        });
-        out.push((field.id, read));
-    }
-    out
-}
-
-fn merge_fields(current: &mut Vec<Value>, updates: Vec<(u64, Option<Value>)>) {
-    for (id, entry) in updates {
-        let pos = current
-            .iter()
-            .position(|e| e["field_id"].as_u64() == Some(id));
-        match (pos, entry) {
-            (Some(p), Some(e)) => current[p] = e,
-            (Some(p), None) => {
-                current.remove(p);
-            }
-            (None, Some(e)) => current.push(e),
-            (None, None) => {}
-        }
-    }
-}
+/// At most this many custom-field values per entity in `/leads/complex`.
+const MAX_COMPLEX_FIELDS: usize = 40;
 
 enum TagRef {
     Id(u64),
@@ -486,6 +336,37 @@ pub(super) fn complex(st: &mut State, req: &Req, changes: &mut Vec<LeadChange>) 
                         .opt_str(c, "name", "_embedded.companies.0.name")
                         .unwrap_or_default(),
                 );
+            }
+        }
+        for (entity, path) in [
+            (item, "custom_fields_values"),
+            (
+                embedded.pointer("/contacts/0").unwrap_or(&Value::Null),
+                "_embedded.contacts.0.custom_fields_values",
+            ),
+        ] {
+            let count = entity
+                .get("custom_fields_values")
+                .and_then(Value::as_array)
+                .map_or(0, |a| a.len());
+            if count > MAX_COMPLEX_FIELDS {
+                check.err(
+                    "Count",
+                    path,
+                    "This collection should contain 40 elements or less.",
+                );
+            }
+        }
+        // Incoming (unsorted) leads: any stage but the incoming one is ignored.
+        if embedded.get("metadata").is_some_and(Value::is_object) {
+            if let Some(p) = plan.as_mut() {
+                let incoming = st
+                    .pipeline(p.pipeline_id)
+                    .and_then(|pl| pl.statuses.iter().find(|s| s.kind == 1))
+                    .map(|s| s.id);
+                if let Some(incoming) = incoming {
+                    p.status_id = incoming;
+                }
             }
         }
         let rid = request_id_of(item, i);
@@ -840,6 +721,7 @@ pub(super) fn list(st: &State, req: &Req) -> Reply {
         .filter(|l| pipelines.is_empty() || pipelines.contains(&l.pipeline_id))
         .filter(|l| users.is_empty() || users.contains(&l.responsible_user_id))
         .filter(|l| in_range(l.updated_at, updated) && in_range(l.created_at, created))
+        .filter(|l| req.if_modified_since.is_none_or(|t| l.updated_at >= t))
         .filter(|l| st_pipeline.is_none_or(|p| l.pipeline_id as i64 == p))
         .filter(|l| st_status.is_none_or(|s| l.status_id as i64 == s))
         .filter(|l| {
@@ -864,11 +746,11 @@ pub(super) fn list(st: &State, req: &Req) -> Reply {
         }
     }
     let with_contacts = q.with("contacts");
-    let all: Vec<Value> = found
+    let (page, next) = paging.slice(&found);
+    let items: Vec<Value> = page
         .into_iter()
         .map(|l| lead_json(st, l, with_contacts))
         .collect();
-    let (items, next) = paging.slice(&all);
     hal_page(
         &st.base_url,
         "/api/v4/leads",
@@ -878,100 +760,4 @@ pub(super) fn list(st: &State, req: &Req) -> Reply {
         items,
         next,
     )
-}
-
-fn link_json(lead_id: u64, contact_id: u64, main: bool) -> Value {
-    json!({
-        "entity_id": lead_id,
-        "entity_type": "leads",
-        "to_entity_id": contact_id,
-        "to_entity_type": "contacts",
-        "metadata": {"main_contact": main},
-    })
-}
-
-/// `POST /leads/{id}/link`; a missing lead is 404 "Lead not found".
-pub(super) fn link(st: &mut State, req: &Req, lead_id: u64) -> Reply {
-    if !st.leads.contains_key(&lead_id) {
-        return Reply::not_found("Lead not found");
-    }
-    let items = match array_body(req.body) {
-        Ok(items) => items,
-        Err(r) => return r,
-    };
-    let mut errors = Vec::new();
-    let mut plans = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let mut check = Check::default();
-        let to = check.opt_u64(item, "to_entity_id", "to_entity_id");
-        let kind = item.get("to_entity_type").and_then(Value::as_str);
-        if kind != Some("contacts") {
-            check.not_choice("to_entity_type");
-        } else if !to.is_some_and(|c| st.contacts.contains_key(&c)) {
-            check.not_choice("to_entity_id");
-        }
-        let main = item
-            .pointer("/metadata/is_main")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        match check.finish(request_id_of(item, i)) {
-            Some(e) => errors.push(e),
-            None => plans.extend(to.map(|c| (c, main))),
-        }
-    }
-    if !errors.is_empty() {
-        return Reply::validation(errors);
-    }
-    let rows: Vec<Value> = plans
-        .into_iter()
-        .map(|(c, main)| {
-            let main = st.link(lead_id, c, main);
-            link_json(lead_id, c, main)
-        })
-        .collect();
-    if let Some(l) = st.leads.get_mut(&lead_id) {
-        l.updated_at = now_ts();
-    }
-    Reply::hal(json!({
-        "_total_items": rows.len(),
-        "_links": self_link(format!("{}/api/v4/leads/{lead_id}/link", st.base_url)),
-        "_embedded": {"links": rows},
-    }))
-}
-
-/// `POST /leads/{id}/unlink`: 204.
-pub(super) fn unlink(st: &mut State, req: &Req, lead_id: u64) -> Reply {
-    if !st.leads.contains_key(&lead_id) {
-        return Reply::not_found("Lead not found");
-    }
-    let items = match array_body(req.body) {
-        Ok(items) => items,
-        Err(r) => return r,
-    };
-    for item in &items {
-        if let Some(c) = item.get("to_entity_id").and_then(Value::as_u64) {
-            st.links
-                .retain(|l| !(l.lead_id == lead_id && l.contact_id == c));
-        }
-    }
-    Reply::no_content()
-}
-
-pub(super) fn links(st: &State, lead_id: u64) -> Reply {
-    if !st.leads.contains_key(&lead_id) {
-        return Reply::no_content();
-    }
-    let rows: Vec<Value> = st
-        .lead_contacts(lead_id)
-        .into_iter()
-        .map(|(c, main)| link_json(lead_id, c, main))
-        .collect();
-    if rows.is_empty() {
-        return Reply::no_content();
-    }
-    Reply::hal(json!({
-        "_total_items": rows.len(),
-        "_links": self_link(format!("{}/api/v4/leads/{lead_id}/links", st.base_url)),
-        "_embedded": {"links": rows},
-    }))
 }

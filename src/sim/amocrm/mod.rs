@@ -8,19 +8,22 @@
 //! Tests drive it through [`AmoSim`]: seed data, inject faults, play a manager
 //! moving a lead, and inspect what the client did.
 //!
-//! Layout: [`server`] is the HTTP front (faults, block, rate limit, auth,
-//! routing, logging); `oauth`, `leads`, `contacts`, `catalog` (pipelines,
-//! fields, users, account), `activity` (notes, tasks, events, webhooks API)
-//! answer the endpoints; `hooks` delivers webhooks; `state` holds the data;
-//! `wire` has the query, paging and error-body helpers.
+//! Layout: `server` is the HTTP front (faults, block, rate limit, auth,
+//! routing, logging); `oauth`, `leads` (with `fields` and `links`),
+//! `contacts`, `catalog` (pipelines, fields, users, account) and `activity`
+//! (notes, tasks, events, webhooks API) answer the endpoints; `hooks` delivers
+//! webhooks; `state` holds the data; `wire` has the query, paging and
+//! error-body helpers.
 //!
 //! Choices where the facts are silent are listed on [`AmoSim`].
 
 mod activity;
 mod catalog;
 mod contacts;
+mod fields;
 mod hooks;
 mod leads;
+mod links;
 mod oauth;
 mod server;
 mod state;
@@ -217,7 +220,11 @@ impl Drop for Owner {
 ///
 /// Behaviour where the API facts are silent:
 /// - Order of the front: blocked (403) → injected fault → rate limit → auth → route.
-///   Injected faults neither count in the rate window nor towards the block.
+///   Injected faults neither count in the rate window nor towards the block;
+///   `unblock` also clears the 429 count and the window.
+/// - The refresh token given last and the one used to get it are both valid; using
+///   either retires all others (so a lost response can be retried once with the old one).
+/// - `If-Modified-Since` on lead and contact lists keeps entities updated at or after it.
 /// - The API user (`created_by`, `modified_user_id` of API changes) is the first
 ///   seeded user, or 1 when none is seeded.
 /// - A lead created without `status_id` goes to the first regular stage (after the

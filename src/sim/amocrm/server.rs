@@ -23,17 +23,22 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::state::{LeadChange, State};
 use super::wire::{problem_body, Body, Query, Reply};
-use super::{activity, catalog, contacts, hooks, leads, oauth, Fault, Shared, SimRequest};
+use super::{activity, catalog, contacts, hooks, leads, links, oauth, Fault, Shared, SimRequest};
 
 /// What a route handler sees of the request.
 pub(super) struct Req<'a> {
     pub method: &'a Method,
     pub query: Query,
+    /// `If-Modified-Since` as Unix seconds: lists keep entities updated at or after it.
+    pub if_modified_since: Option<i64>,
     pub body: &'a [u8],
 }
 
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let app = Router::new().fallback(handle).with_state(shared);
+    let app = Router::new()
+        .fallback(handle)
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
+        .with_state(shared);
     let service = app.into_make_service_with_connect_info::<ConnHandle>();
     if let Err(error) = axum::serve(SimListener(listener), service).await {
         tracing::warn!(%error, "amoCRM simulator stopped serving");
@@ -258,6 +263,11 @@ fn decide(
     let req = Req {
         method,
         query: Query::parse(raw_query),
+        if_modified_since: headers
+            .get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| chrono::DateTime::parse_from_rfc2822(v).ok())
+            .map(|t| t.timestamp()),
         body,
     };
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
@@ -283,7 +293,9 @@ fn authorized(st: &State, headers: &HeaderMap, now: Instant) -> bool {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
         .is_some_and(|token| st.tokens.access_valid(token.trim(), now))
 }
 
@@ -346,9 +358,9 @@ fn api(st: &mut State, req: &Req, rest: &[&str], changes: &mut Vec<LeadChange>) 
                 not_allowed()
             }
         }
-        ["leads", l, "link"] if id(l).is_some() => only(post, || leads::link(st, req, n(l))),
-        ["leads", l, "unlink"] if id(l).is_some() => only(post, || leads::unlink(st, req, n(l))),
-        ["leads", l, "links"] if id(l).is_some() => only(get, || leads::links(st, n(l))),
+        ["leads", l, "link"] if id(l).is_some() => only(post, || links::link(st, req, n(l))),
+        ["leads", l, "unlink"] if id(l).is_some() => only(post, || links::unlink(st, req, n(l))),
+        ["leads", l, "links"] if id(l).is_some() => only(get, || links::links(st, n(l))),
         ["contacts"] => match *m {
             Method::GET => contacts::list(st, req),
             Method::POST => contacts::create(st, req),
