@@ -9,6 +9,7 @@
 //! - [`telemetry`]: JSON logs, PII masking, the metrics recorder;
 //! - [`store`]: the PostgreSQL pool, migrations and every SQL statement;
 //! - [`outbox`]: the job engine (claims, leases, retries, rate limits);
+//! - [`sync`]: ingest (order change + history + outbox intent in one transaction) and the pollers;
 //! - [`http`]: the axum side (`/healthz`, `/readyz`, `/metrics`);
 //! - [`daemon`]: wires the parts together for `run`, with graceful shutdown;
 //! - [`bench`]: `orderbridge bench …`, throughput and latency figures;
@@ -24,4 +25,5 @@ pub mod http;
 pub mod outbox;
 pub mod sim;
 pub mod store;
+pub mod sync;
 pub mod telemetry;

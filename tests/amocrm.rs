@@ -40,8 +40,11 @@ struct Setup {
 impl Setup {
     async fn new(config: AmoSimConfig) -> Setup {
         let db = fresh_db().await;
-        let sim = AmoSim::start(config.clone()).await.expect("simulator starts");
-        let limiters = Arc::new(Limiters::new([]).with_per_request("amocrm:main", SEVEN_PER_SECOND));
+        let sim = AmoSim::start(config.clone())
+            .await
+            .expect("simulator starts");
+        let limiters =
+            Arc::new(Limiters::new([]).with_per_request("amocrm:main", SEVEN_PER_SECOND));
         Setup {
             db,
             sim,
@@ -69,7 +72,9 @@ impl Setup {
         )
         .unwrap();
         client
-            .seed_refresh_token(&SecretString::from(self.config.initial_refresh_token.clone()))
+            .seed_refresh_token(&SecretString::from(
+                self.config.initial_refresh_token.clone(),
+            ))
             .await
             .unwrap();
         client
@@ -95,8 +100,15 @@ fn lead(request_id: &str, pipeline: u64, status: u64) -> NewLead {
 }
 
 async fn stored_tokens(db: &ScratchDatabase) -> (Option<String>, String, Option<String>) {
-    let row = orderbridge::store::tokens::current(&db.pool, "main").await.unwrap().unwrap();
-    (row.access_token, row.refresh_token, row.previous_refresh_token)
+    let row = orderbridge::store::tokens::current(&db.pool, "main")
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        row.access_token,
+        row.refresh_token,
+        row.previous_refresh_token,
+    )
 }
 
 // ---- auth -------------------------------------------------------------------
@@ -110,8 +122,14 @@ async fn the_first_call_refreshes_and_commits_the_new_pair_before_using_it() {
     assert_eq!(s.sim.refresh_calls(), 1);
     let (access, refresh, previous) = stored_tokens(&s.db).await;
     assert!(access.is_some(), "the access token is stored");
-    assert_ne!(refresh, s.config.initial_refresh_token, "the refresh token rotated");
-    assert_eq!(previous.as_deref(), Some(s.config.initial_refresh_token.as_str()));
+    assert_ne!(
+        refresh, s.config.initial_refresh_token,
+        "the refresh token rotated"
+    );
+    assert_eq!(
+        previous.as_deref(),
+        Some(s.config.initial_refresh_token.as_str())
+    );
     // The pipeline as amoCRM has it: incoming first, won/lost system stages.
     let kaspi = pipelines.iter().find(|p| p.name == "Kaspi").unwrap();
     let kinds: Vec<StageKind> = kaspi.stages.iter().map(|s| s.kind).collect();
@@ -212,7 +230,16 @@ async fn a_revoked_integration_is_a_permanent_failure() {
     client.users().await.unwrap();
     s.sim.revoke_all_tokens();
     let error = client.users().await.unwrap_err();
-    assert!(matches!(error, AmoError::Unauthorized { after_refresh: true, .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            AmoError::Unauthorized {
+                after_refresh: true,
+                ..
+            }
+        ),
+        "{error}"
+    );
     assert!(error.is_alert());
     assert!(matches!(error.classify(), RetryAction::Permanent { .. }));
     s.finish().await;
@@ -226,7 +253,9 @@ async fn a_long_lived_token_is_used_as_is_and_never_refreshed() {
     };
     let s = Setup::new(config).await;
     let good = AmoClient::new(
-        s.account(AmoAuth::LongLived(SecretString::from("long-lived-token-abc"))),
+        s.account(AmoAuth::LongLived(SecretString::from(
+            "long-lived-token-abc",
+        ))),
         s.db.pool.clone(),
         None,
     )
@@ -239,9 +268,24 @@ async fn a_long_lived_token_is_used_as_is_and_never_refreshed() {
     )
     .unwrap();
     let error = bad.users().await.unwrap_err();
-    assert!(matches!(error, AmoError::Unauthorized { after_refresh: false, .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            AmoError::Unauthorized {
+                after_refresh: false,
+                ..
+            }
+        ),
+        "{error}"
+    );
     assert_eq!(s.sim.refresh_calls(), 0);
-    assert!(!format!("{:?}", s.account(AmoAuth::LongLived(SecretString::from("long-lived-token-abc")))).contains("abc"));
+    assert!(!format!(
+        "{:?}",
+        s.account(AmoAuth::LongLived(SecretString::from(
+            "long-lived-token-abc"
+        )))
+    )
+    .contains("abc"));
     s.finish().await;
 }
 
@@ -270,7 +314,10 @@ async fn a_thousand_calls_make_no_429_and_use_the_budget() {
     let elapsed = started.elapsed().as_secs_f64();
     let rate = 1000.0 / elapsed;
     assert_eq!(s.sim.count_status(429), 0, "no request over the limit");
-    assert!(rate >= 0.95 * 7.0, "only {rate:.2} req/s of the 7 req/s budget");
+    assert!(
+        rate >= 0.95 * 7.0,
+        "only {rate:.2} req/s of the 7 req/s budget"
+    );
     assert!(rate <= 7.0, "{rate:.2} req/s is over the limit");
     s.finish().await;
 }
@@ -282,7 +329,10 @@ async fn a_429_is_retried_after_the_servers_retry_after() {
     client.users().await.unwrap();
     s.sim.inject(Fault::TooManyRequests, 1);
     let error = client.users().await.unwrap_err();
-    let AmoError::RateLimited { retry_after: Some(after) } = error else {
+    let AmoError::RateLimited {
+        retry_after: Some(after),
+    } = error
+    else {
         panic!("expected a 429 with retry_after, got {error}");
     };
     assert!(matches!(
@@ -325,8 +375,15 @@ async fn a_403_stops_all_traffic_to_the_account_until_reset() {
     assert!(matches!(error, AmoError::CircuitOpen { .. }), "{error}");
     assert!(matches!(error.classify(), RetryAction::RetryAfter { .. }));
     let other = AmoClient::new(s.account(token()), s.db.pool.clone(), None).unwrap();
-    assert!(matches!(other.users().await, Err(AmoError::CircuitOpen { .. })));
-    assert_eq!(s.sim.requests().len(), calls, "not one request after the 403");
+    assert!(matches!(
+        other.users().await,
+        Err(AmoError::CircuitOpen { .. })
+    ));
+    assert_eq!(
+        s.sim.requests().len(),
+        calls,
+        "not one request after the 403"
+    );
     let open = orderbridge::store::circuits::list_open(&s.db.pool, chrono::Utc::now())
         .await
         .unwrap();
@@ -335,7 +392,11 @@ async fn a_403_stops_all_traffic_to_the_account_until_reset() {
 
     // Support unblocks the IP; the operator resets the circuit.
     s.sim.unblock();
-    assert!(orderbridge::store::circuits::close(&s.db.pool, "amocrm:main").await.unwrap());
+    assert!(
+        orderbridge::store::circuits::close(&s.db.pool, "amocrm:main")
+            .await
+            .unwrap()
+    );
     tokio::time::sleep(Duration::from_millis(2100)).await;
     other.users().await.unwrap();
     s.finish().await;
@@ -352,12 +413,21 @@ async fn server_errors_timeouts_and_resets_are_retryable() {
     assert!(matches!(e.classify(), RetryAction::Retry { .. }));
     s.sim.inject(Fault::ConnectionReset, 1);
     let e = client.users().await.unwrap_err();
-    assert!(matches!(e, AmoError::Network(_) | AmoError::Decode { .. }), "{e}");
+    assert!(
+        matches!(e, AmoError::Network(_) | AmoError::Decode { .. }),
+        "{e}"
+    );
     assert!(matches!(e.classify(), RetryAction::Retry { .. }));
     s.sim.inject(Fault::Timeout, 1);
     let e = client.users().await.unwrap_err();
     assert!(matches!(e, AmoError::Timeout(_)), "{e}");
-    assert!(matches!(e.classify(), RetryAction::Retry { cause: orderbridge::outbox::RetryCause::Timeout, .. }));
+    assert!(matches!(
+        e.classify(),
+        RetryAction::Retry {
+            cause: orderbridge::outbox::RetryCause::Timeout,
+            ..
+        }
+    ));
     client.users().await.unwrap();
     s.finish().await;
 }
@@ -385,7 +455,9 @@ async fn a_batch_with_one_invalid_item_creates_the_others() {
     assert!(!outcome.rejected[0].errors.is_empty());
     let leads = s.sim.leads();
     assert_eq!(leads.len(), 2);
-    assert!(leads.iter().all(|l| l.status_id == stage && l.pipeline_id == pipeline.id));
+    assert!(leads
+        .iter()
+        .all(|l| l.status_id == stage && l.pipeline_id == pipeline.id));
     assert!(leads.iter().all(|l| l.tags == vec!["kaspi".to_string()]));
     s.finish().await;
 }
@@ -396,7 +468,9 @@ async fn batches_are_at_most_fifty_and_a_504_splits_them() {
     let pipeline = s.sim.seed_pipeline("Kaspi", &["New order"]);
     let stage = pipeline.stages[1].0;
     let client = s.client().await;
-    let many: Vec<NewLead> = (0..120).map(|i| lead(&format!("KSP-{i}"), pipeline.id, stage)).collect();
+    let many: Vec<NewLead> = (0..120)
+        .map(|i| lead(&format!("KSP-{i}"), pipeline.id, stage))
+        .collect();
     let outcome = client.create_leads(&many).await.unwrap();
     assert_eq!(outcome.done.len(), 120);
     let posts: Vec<usize> = s
@@ -404,12 +478,18 @@ async fn batches_are_at_most_fifty_and_a_504_splits_them() {
         .requests()
         .iter()
         .filter(|r| r.method == "POST" && r.path == "/api/v4/leads")
-        .map(|r| serde_json::from_str::<Vec<serde_json::Value>>(&r.body).map(|v| v.len()).unwrap_or(0))
+        .map(|r| {
+            serde_json::from_str::<Vec<serde_json::Value>>(&r.body)
+                .map(|v| v.len())
+                .unwrap_or(0)
+        })
         .collect();
     assert_eq!(posts, vec![50, 50, 20]);
 
     s.sim.inject(Fault::GatewayTimeout, 1);
-    let four: Vec<NewLead> = (0..4).map(|i| lead(&format!("SPLIT-{i}"), pipeline.id, stage)).collect();
+    let four: Vec<NewLead> = (0..4)
+        .map(|i| lead(&format!("SPLIT-{i}"), pipeline.id, stage))
+        .collect();
     let outcome = client.create_leads(&four).await.unwrap();
     assert_eq!(outcome.done.len(), 4);
     let sizes: Vec<(u16, usize)> = s
@@ -417,7 +497,14 @@ async fn batches_are_at_most_fifty_and_a_504_splits_them() {
         .requests()
         .iter()
         .filter(|r| r.method == "POST" && r.body.contains("SPLIT-"))
-        .map(|r| (r.status, serde_json::from_str::<Vec<serde_json::Value>>(&r.body).map(|v| v.len()).unwrap_or(0)))
+        .map(|r| {
+            (
+                r.status,
+                serde_json::from_str::<Vec<serde_json::Value>>(&r.body)
+                    .map(|v| v.len())
+                    .unwrap_or(0),
+            )
+        })
         .collect();
     assert_eq!(sizes, vec![(504, 4), (200, 2), (200, 2)]);
     s.finish().await;
@@ -431,7 +518,10 @@ async fn updates_move_stage_with_pipeline_and_add_tags_without_replacing() {
     let field = s.sim.seed_lead_field("Order code", "text", &[]);
     let user = s.sim.seed_user("Aigerim");
     let client = s.client().await;
-    let created = client.create_leads(&[lead("KSP-1", pipeline.id, new)]).await.unwrap();
+    let created = client
+        .create_leads(&[lead("KSP-1", pipeline.id, new)])
+        .await
+        .unwrap();
     let id = created.done[0].1;
     let outcome = client
         .update_leads(&[LeadUpdate {
@@ -450,26 +540,49 @@ async fn updates_move_stage_with_pipeline_and_add_tags_without_replacing() {
         .unwrap();
     assert_eq!(outcome.done, vec![(id.to_string(), id)]);
     let stored = s.sim.lead(id).unwrap();
-    assert_eq!((stored.pipeline_id, stored.status_id, stored.price), (pipeline.id, assembling, 5000));
+    assert_eq!(
+        (stored.pipeline_id, stored.status_id, stored.price),
+        (pipeline.id, assembling, 5000)
+    );
     assert_eq!(stored.responsible_user_id, user);
     let mut tags = stored.tags.clone();
     tags.sort();
     assert_eq!(tags, vec!["accepted".to_string(), "kaspi".to_string()]);
-    let patch = s.sim.requests().into_iter().rev().find(|r| r.method == "PATCH").unwrap();
+    let patch = s
+        .sim
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.method == "PATCH")
+        .unwrap();
     let body: serde_json::Value = serde_json::from_str(&patch.body).unwrap();
-    assert_eq!(body[0]["pipeline_id"], pipeline.id, "status is always sent with its pipeline");
+    assert_eq!(
+        body[0]["pipeline_id"], pipeline.id,
+        "status is always sent with its pipeline"
+    );
 
     // Read back: by id, by ids, by updated_at.
     let read = client.lead(id).await.unwrap().unwrap();
     assert_eq!(read.status_id, assembling);
-    assert!(read.fields.iter().any(|(f, v)| *f == field.id && v == &vec!["KSP-1".to_string()]));
+    assert!(read
+        .fields
+        .iter()
+        .any(|(f, v)| *f == field.id && v == &vec!["KSP-1".to_string()]));
     assert_eq!(client.leads_by_ids(&[id, 987_654]).await.unwrap().len(), 1);
     assert_eq!(client.leads_updated_since(0).await.unwrap().len(), 1);
     // An unknown id in an update is refused alone.
     let outcome = client
         .update_leads(&[
-            LeadUpdate { id: 424_242, stage: Some((pipeline.id, new)), ..LeadUpdate::default() },
-            LeadUpdate { id, stage: Some((pipeline.id, WON_STATUS_ID)), ..LeadUpdate::default() },
+            LeadUpdate {
+                id: 424_242,
+                stage: Some((pipeline.id, new)),
+                ..LeadUpdate::default()
+            },
+            LeadUpdate {
+                id,
+                stage: Some((pipeline.id, WON_STATUS_ID)),
+                ..LeadUpdate::default()
+            },
         ])
         .await
         .unwrap();
@@ -485,7 +598,9 @@ async fn leads_updated_since_reads_every_page() {
     let s = Setup::new(AmoSimConfig::default()).await;
     let pipeline = s.sim.seed_pipeline("Kaspi", &["New order"]);
     let client = s.client().await;
-    let many: Vec<NewLead> = (0..260).map(|i| lead(&format!("KSP-{i}"), pipeline.id, pipeline.stages[1].0)).collect();
+    let many: Vec<NewLead> = (0..260)
+        .map(|i| lead(&format!("KSP-{i}"), pipeline.id, pipeline.stages[1].0))
+        .collect();
     client.create_leads(&many).await.unwrap();
     let read = client.leads_updated_since(0).await.unwrap();
     assert_eq!(read.len(), 260);
@@ -506,9 +621,21 @@ async fn empty_answers_are_204_and_never_errors() {
     assert_eq!(client.lead(123_456).await.unwrap(), None);
     assert!(client.leads_by_ids(&[123_456]).await.unwrap().is_empty());
     let phone = Phone::parse("+77000000000").unwrap();
-    assert!(client.find_contacts(Some(&phone), None).await.unwrap().is_empty());
-    assert!(client.status_changes_since(chrono::Utc::now().timestamp()).await.unwrap().is_empty());
-    assert!(client.leads_updated_since(chrono::Utc::now().timestamp() + 3600).await.unwrap().is_empty());
+    assert!(client
+        .find_contacts(Some(&phone), None)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(client
+        .status_changes_since(chrono::Utc::now().timestamp())
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(client
+        .leads_updated_since(chrono::Utc::now().timestamp() + 3600)
+        .await
+        .unwrap()
+        .is_empty());
     assert!(s.sim.count_status(204) >= 5);
     s.finish().await;
 }
@@ -534,9 +661,17 @@ async fn complex_create_reads_the_bare_array_answer() {
     assert_eq!(created[0].request_id, "AV-1");
     assert!(!created[0].merged);
     let contact_id = created[0].contact_id.expect("a contact was created");
-    let contact = s.sim.contacts().into_iter().find(|c| c.id == contact_id).unwrap();
+    let contact = s
+        .sim
+        .contacts()
+        .into_iter()
+        .find(|c| c.id == contact_id)
+        .unwrap();
     assert_eq!(contact.phones, vec!["+77015554433".to_string()]);
-    assert_eq!(s.sim.lead(created[0].lead_id).unwrap().contact_ids, vec![contact_id]);
+    assert_eq!(
+        s.sim.lead(created[0].lead_id).unwrap().contact_ids,
+        vec![contact_id]
+    );
     s.finish().await;
 }
 
@@ -548,17 +683,25 @@ async fn contact_search_keeps_only_real_phone_and_email_matches() {
     let same = s.sim.seed_contact("Ivan", &["8 (701) 123-45-67"], &[]);
     // Fuzzy hits amoCRM returns for the same digits: a longer number, a name.
     s.sim.seed_contact("Other", &["+7 701 123 45 678"], &[]);
-    s.sim.seed_contact("Courier 7011234567", &["+77779998877"], &[]);
+    s.sim
+        .seed_contact("Courier 7011234567", &["+77779998877"], &[]);
     let by_mail = s.sim.seed_contact("Aigul", &[], &["Aigul@Example.kz"]);
-    s.sim.seed_contact("Near", &[], &["aigul@example.kz.evil.com"]);
+    s.sim
+        .seed_contact("Near", &[], &["aigul@example.kz.evil.com"]);
     let client = s.client().await;
     let phone = Phone::parse("+77011234567").unwrap();
     let found = client.find_contacts(Some(&phone), None).await.unwrap();
     assert_eq!(found.iter().map(|c| c.id).collect::<Vec<_>>(), vec![same]);
     let email = Email::parse("aigul@example.kz").unwrap();
     let found = client.find_contacts(None, Some(&email)).await.unwrap();
-    assert_eq!(found.iter().map(|c| c.id).collect::<Vec<_>>(), vec![by_mail]);
-    let both = client.find_contacts(Some(&phone), Some(&email)).await.unwrap();
+    assert_eq!(
+        found.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![by_mail]
+    );
+    let both = client
+        .find_contacts(Some(&phone), Some(&email))
+        .await
+        .unwrap();
     assert_eq!(both.len(), 2);
     s.finish().await;
 }
@@ -586,14 +729,27 @@ async fn contacts_links_notes_and_tasks_are_written() {
         .unwrap();
     let contact_id = contacts.done[0].1;
     assert_eq!(contacts.done[0].0, "c-1");
-    client.link_contact(lead_id, contact_id, true).await.unwrap();
-    assert!(s.sim.links().iter().any(|l| l.lead_id == lead_id && l.contact_id == contact_id && l.main));
+    client
+        .link_contact(lead_id, contact_id, true)
+        .await
+        .unwrap();
+    assert!(s
+        .sim
+        .links()
+        .iter()
+        .any(|l| l.lead_id == lead_id && l.contact_id == contact_id && l.main));
     let notes = client
-        .add_notes(&[NewNote { request_id: "n-1".into(), lead_id, text: "Order cancelled by the buyer".into() }])
+        .add_notes(&[NewNote {
+            request_id: "n-1".into(),
+            lead_id,
+            text: "Order cancelled by the buyer".into(),
+        }])
         .await
         .unwrap();
     assert_eq!(notes.done.len(), 1);
-    assert!(s.sim.notes().iter().any(|n| n.entity_id == lead_id && n.note_type == "common" && n.text == "Order cancelled by the buyer"));
+    assert!(s.sim.notes().iter().any(|n| n.entity_id == lead_id
+        && n.note_type == "common"
+        && n.text == "Order cancelled by the buyer"));
     let tasks = client
         .add_tasks(&[NewTask {
             request_id: "sla-KSP-9".into(),
@@ -606,7 +762,14 @@ async fn contacts_links_notes_and_tasks_are_written() {
         .unwrap();
     assert_eq!(tasks.done.len(), 1);
     let task = &s.sim.tasks()[0];
-    assert_eq!((task.entity_id, task.entity_type.as_deref(), task.responsible_user_id), (Some(lead_id), Some("leads"), user));
+    assert_eq!(
+        (
+            task.entity_id,
+            task.entity_type.as_deref(),
+            task.responsible_user_id
+        ),
+        (Some(lead_id), Some("leads"), user)
+    );
     assert_eq!(task.complete_till, 1_900_000_000);
     s.finish().await;
 }
@@ -617,16 +780,29 @@ async fn contacts_links_notes_and_tasks_are_written() {
 async fn an_unknown_stage_id_refreshes_the_pipeline_cache() {
     let s = Setup::new(AmoSimConfig::default()).await;
     s.sim.seed_pipeline("Kaspi", &["New order"]);
-    let field = s.sim.seed_lead_field("Delivery", "select", &["Kaspi Delivery", "Pickup"]);
+    let field = s
+        .sim
+        .seed_lead_field("Delivery", "select", &["Kaspi Delivery", "Pickup"]);
     let client = s.client().await;
     client.pipelines().await.unwrap();
     let later = s.sim.seed_pipeline("Avito", &["Confirm"]);
-    let stage = client.stage(later.id, later.stages[1].0).await.unwrap().unwrap();
+    let stage = client
+        .stage(later.id, later.stages[1].0)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stage.name, "Confirm");
     assert_eq!(client.stage(later.id, 1).await.unwrap(), None);
     let fields = client.lead_custom_fields().await.unwrap();
     let delivery = fields.iter().find(|f| f.id == field.id).unwrap();
-    assert_eq!(delivery.enums.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), vec!["Kaspi Delivery", "Pickup"]);
+    assert_eq!(
+        delivery
+            .enums
+            .iter()
+            .map(|e| e.1.as_str())
+            .collect::<Vec<_>>(),
+        vec!["Kaspi Delivery", "Pickup"]
+    );
     s.finish().await;
 }
 
@@ -644,12 +820,22 @@ async fn status_change_events_are_read_across_pages() {
         .done[0]
         .1;
     for i in 0..260 {
-        let stage = if i % 2 == 0 { pipeline.stages[2].0 } else { pipeline.stages[1].0 };
-        s.sim.manager_moves_lead(lead_id, pipeline.id, stage, manager);
+        let stage = if i % 2 == 0 {
+            pipeline.stages[2].0
+        } else {
+            pipeline.stages[1].0
+        };
+        s.sim
+            .manager_moves_lead(lead_id, pipeline.id, stage, manager);
     }
     let events = client.status_changes_since(from).await.unwrap();
     assert_eq!(events.len(), 260, "every move, over two pages");
-    let pages = s.sim.requests().iter().filter(|r| r.path == "/api/v4/events").count();
+    let pages = s
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/api/v4/events")
+        .count();
     assert_eq!(pages, 2);
     let last = events.last().unwrap();
     assert_eq!(last.lead_id, lead_id);
@@ -663,10 +849,22 @@ async fn a_disabled_webhook_is_subscribed_again() {
     let s = Setup::new(AmoSimConfig::default()).await;
     let client = s.client().await;
     let destination = "https://bridge.example/hooks/amocrm/0123456789abcdef";
-    assert!(client.ensure_webhook(destination, &["status_lead"]).await.unwrap());
-    assert!(!client.ensure_webhook(destination, &["status_lead"]).await.unwrap(), "already fine");
+    assert!(client
+        .ensure_webhook(destination, &["status_lead"])
+        .await
+        .unwrap());
+    assert!(
+        !client
+            .ensure_webhook(destination, &["status_lead"])
+            .await
+            .unwrap(),
+        "already fine"
+    );
     s.sim.set_webhook_disabled(destination, true);
-    assert!(client.ensure_webhook(destination, &["status_lead"]).await.unwrap());
+    assert!(client
+        .ensure_webhook(destination, &["status_lead"])
+        .await
+        .unwrap());
     let hooks = client.webhooks().await.unwrap();
     assert_eq!(hooks.len(), 1);
     assert!(!hooks[0].disabled);

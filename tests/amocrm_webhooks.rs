@@ -14,7 +14,9 @@ use secrecy::SecretString;
 const SECRET: &str = "s3cr3t-path-0123456789";
 
 async fn serve(pool: sqlx::PgPool, limit: usize) -> (String, tokio_util::sync::CancellationToken) {
-    let listener = orderbridge::http::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listener = orderbridge::http::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let state = AppState {
@@ -72,7 +74,9 @@ async fn a_hundred_item_payload_is_stored_once_per_change() {
     // amoCRM delivers again (it retries on timeouts): nothing doubles.
     assert_eq!(post(&url, &status_items(100)).await, 200);
     assert_eq!(count(&db.pool, "SELECT count(*) FROM inbox").await, 100);
-    let rows = orderbridge::store::inbox::unprocessed(&db.pool, "amocrm", 1).await.unwrap();
+    let rows = orderbridge::store::inbox::unprocessed(&db.pool, "amocrm", 1)
+        .await
+        .unwrap();
     assert_eq!(rows[0].kind, "lead_status");
     assert_eq!(rows[0].account, "main");
     assert_eq!(rows[0].payload["lead_id"], 1000);
@@ -88,7 +92,10 @@ async fn bad_deliveries_are_refused_and_store_nothing() {
     let (base, shutdown) = serve(db.pool.clone(), 4096).await;
     let url = format!("{base}/hooks/amocrm/{SECRET}");
     // Wrong secret.
-    assert_eq!(post(&format!("{base}/hooks/amocrm/guess"), &status_items(1)).await, 404);
+    assert_eq!(
+        post(&format!("{base}/hooks/amocrm/guess"), &status_items(1)).await,
+        404
+    );
     // Oversized body.
     assert_eq!(post(&url, &status_items(200)).await, 413);
     // Malformed: no account block; a non-numeric id; garbage bytes.
@@ -134,7 +141,12 @@ async fn the_simulator_s_webhook_for_a_status_change_lands_in_the_inbox() {
             "grant_type": "refresh_token", "refresh_token": token.initial_refresh_token,
             "redirect_uri": token.redirect_uri,
         }))
-        .send().await.unwrap().json().await.unwrap();
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let bearer = tokens["access_token"].as_str().unwrap().to_string();
     let subscribed = client
         .post(format!("{}/api/v4/webhooks", sim.base_url()))
@@ -153,7 +165,9 @@ async fn the_simulator_s_webhook_for_a_status_change_lands_in_the_inbox() {
         count(&db.pool, "SELECT count(*) FROM inbox").await >= 1
     })
     .await;
-    let rows = orderbridge::store::inbox::unprocessed(&db.pool, "amocrm", 10).await.unwrap();
+    let rows = orderbridge::store::inbox::unprocessed(&db.pool, "amocrm", 10)
+        .await
+        .unwrap();
     let change = rows.iter().find(|r| r.kind == "lead_status").unwrap();
     assert_eq!(change.payload["lead_id"], lead_id);
     assert_eq!(change.payload["status_id"], pipeline.stages[2].0);
@@ -177,8 +191,16 @@ async fn readyz_reports_an_open_circuit() {
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["checks"]["database"], "ok");
     assert_eq!(body["checks"]["open_circuits"][0]["target"], "amocrm:main");
-    orderbridge::store::circuits::close(&db.pool, "amocrm:main").await.unwrap();
-    assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), 200);
+    orderbridge::store::circuits::close(&db.pool, "amocrm:main")
+        .await
+        .unwrap();
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     shutdown.cancel();
     db.drop_now().await.unwrap();
 }

@@ -34,7 +34,11 @@ pub enum AmoBenchError {
 }
 
 /// Runs the benchmark and prints its figures.
-pub async fn run(settings: &Settings, args: &AmoBenchArgs, out: &mut impl Write) -> Result<(), AmoBenchError> {
+pub async fn run(
+    settings: &Settings,
+    args: &AmoBenchArgs,
+    out: &mut impl Write,
+) -> Result<(), AmoBenchError> {
     let url = settings.database.url.expose_secret();
     crate::store::create_database_if_missing(url).await?;
     let db = ScratchDatabase::create(url, "orderbridge_bench", 4).await?;
@@ -47,7 +51,10 @@ pub async fn run(settings: &Settings, args: &AmoBenchArgs, out: &mut impl Write)
     Ok(())
 }
 
-async fn measure(db: &ScratchDatabase, updates: usize) -> Result<(f64, usize, usize), AmoBenchError> {
+async fn measure(
+    db: &ScratchDatabase,
+    updates: usize,
+) -> Result<(f64, usize, usize), AmoBenchError> {
     let config = AmoSimConfig::default();
     let sim = AmoSim::start(config.clone()).await?;
     let pipeline = sim.seed_pipeline("Kaspi", &["New order", "Assembling"]);
@@ -118,9 +125,19 @@ async fn measure(db: &ScratchDatabase, updates: usize) -> Result<(f64, usize, us
             outcome.done.len()
         )));
     }
-    let moved = sim.leads().iter().filter(|l| l.status_id == assembling).count();
+    let moved = sim
+        .leads()
+        .iter()
+        .filter(|l| l.status_id == assembling)
+        .count();
     if moved != updates {
-        return Err(AmoBenchError::Incomplete(format!("the simulator shows {moved} of {updates} leads moved")));
+        return Err(AmoBenchError::Incomplete(format!(
+            "the simulator shows {moved} of {updates} leads moved"
+        )));
     }
-    Ok((elapsed, sim.requests().len() - before, sim.count_status(429)))
+    Ok((
+        elapsed,
+        sim.requests().len() - before,
+        sim.count_status(429),
+    ))
 }

@@ -3,3 +3,4 @@
 //! wire types.
 
 pub mod amocrm;
+pub mod kaspi;

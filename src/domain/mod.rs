@@ -2,5 +2,7 @@
 //! nothing of any API's wire format and import nothing of the crate.
 
 pub mod contact;
+pub mod order;
 
 pub use contact::{mask_phone, Email, Phone, PhoneError};
+pub use order::{Customer, Delivery, Marketplace, Money, Order, OrderItem, StatusKey};

@@ -186,6 +186,7 @@ async fn claim_round(
             now,
             lease_until,
             want as i64,
+            &shared.kinds,
         )
         .await?;
         if jobs.len() == want {

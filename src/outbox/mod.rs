@@ -174,6 +174,7 @@ impl EngineBuilder {
                 pool: self.pool,
                 config: self.config,
                 owner: self.owner,
+                kinds: self.handlers.keys().cloned().collect(),
                 handlers: self.handlers,
                 limiters: self
                     .limiters
@@ -215,6 +216,8 @@ struct Shared {
     config: EngineConfig,
     owner: String,
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    /// The kinds this replica claims (those it has handlers for).
+    kinds: Vec<String>,
     limiters: Arc<Limiters>,
     clock: Arc<dyn Clock>,
     /// Wakes the dispatcher (new work, freed capacity, new targets).

@@ -212,8 +212,10 @@ pub async fn enqueue_many(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<u6
 }
 
 /// Claims up to `limit` due jobs of `target` for `owner`, but only while `owner`
-/// holds the target's lease. A job is due when it is pending, its `run_at` has
-/// passed, and no earlier job with its ordering key is still pending or running.
+/// holds the target's lease, and only of the `kinds` it has handlers for (a job
+/// no replica can run yet waits, e.g. during a rolling upgrade). A job is due
+/// when it is pending, its `run_at` has passed, and no earlier job with its
+/// ordering key is still pending or running.
 pub async fn claim(
     pool: &PgPool,
     target: &str,
@@ -221,11 +223,12 @@ pub async fn claim(
     now: DateTime<Utc>,
     lease_until: DateTime<Utc>,
     limit: i64,
+    kinds: &[String],
 ) -> Result<Vec<ClaimedJob>, StoreError> {
     let jobs = sqlx::query_as::<_, ClaimedJob>(
         "WITH candidates AS (
              SELECT j.id FROM outbox_jobs j
-             WHERE j.target = $1 AND j.state = 'pending'
+             WHERE j.target = $1 AND j.state = 'pending' AND j.kind = ANY($6)
                AND (j.run_at IS NULL OR j.run_at <= $3)
                AND EXISTS (SELECT 1 FROM outbox_target_leases l
                            WHERE l.target = $1 AND l.owner = $2 AND l.expires_at > $3)
@@ -247,6 +250,7 @@ pub async fn claim(
     .bind(now)
     .bind(lease_until)
     .bind(limit)
+    .bind(kinds)
     .fetch_all(pool)
     .await?;
     Ok(jobs)

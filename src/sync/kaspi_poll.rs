@@ -1,0 +1,203 @@
+//! The Kaspi poller. Kaspi has no webhooks and no "changed since" filter, so
+//! each poll lists the current 14-day creation window (all pages, lines
+//! included), diffs every order against its stored snapshot by content hash
+//! (the re-signed waybill URL left out), fetches lines only for new orders that
+//! came without them, and refreshes by id every active order older than the
+//! window until it is terminal. After an outage longer than the window, the
+//! gap since the cursor is listed first. Each change is committed on its own
+//! (ingest), so a poll that fails part-way keeps what it saw; the cursor moves
+//! only when a poll completes.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::ingest::{self, Written};
+use crate::connectors::kaspi::{KaspiClient, KaspiError, KaspiOrder, MAX_WINDOW};
+use crate::store::{orders, StoreError};
+
+/// How far back a poll re-lists before the cursor after a gap.
+const GAP_OVERLAP: chrono::Duration = chrono::Duration::minutes(10);
+/// The list window stays this far inside Kaspi's 14-day limit (clock skew).
+const WINDOW_MARGIN: chrono::Duration = chrono::Duration::minutes(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error(transparent)]
+    Kaspi(#[from] KaspiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What one poll did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PollReport {
+    pub listed: usize,
+    pub new: usize,
+    pub changed: usize,
+    pub unchanged: usize,
+    /// Active orders older than the window, read one by one.
+    pub refreshed: usize,
+    /// Orders whose lines needed their own request.
+    pub entries_fetched: usize,
+}
+
+pub struct KaspiPoller {
+    client: KaspiClient,
+    pool: PgPool,
+    /// Outbox target of the CRM sync intents (`amocrm:<account>`).
+    crm_target: String,
+}
+
+impl KaspiPoller {
+    pub fn new(client: KaspiClient, pool: PgPool, crm_target: impl Into<String>) -> Self {
+        KaspiPoller {
+            client,
+            pool,
+            crm_target: crm_target.into(),
+        }
+    }
+
+    /// One poll at `now`.
+    #[tracing::instrument(skip_all, fields(marketplace = "kaspi", account = %self.client.shop()))]
+    pub async fn poll_once(&self, now: DateTime<Utc>) -> Result<PollReport, PollError> {
+        let shop = self.client.shop().to_string();
+        orders::poll_started(&self.pool, "kaspi", &shop).await?;
+        let result = self.poll(now).await;
+        match &result {
+            Ok(report) => {
+                orders::poll_succeeded(&self.pool, "kaspi", &shop, now).await?;
+                tracing::info!(
+                    listed = report.listed,
+                    new = report.new,
+                    changed = report.changed,
+                    refreshed = report.refreshed,
+                    "Kaspi poll done."
+                );
+            }
+            Err(error) => {
+                orders::poll_failed(&self.pool, "kaspi", &shop, &error.to_string()).await?;
+                tracing::warn!(%error, "Kaspi poll failed part-way; what it saw is kept, the next poll resumes.");
+            }
+        }
+        result
+    }
+
+    async fn poll(&self, now: DateTime<Utc>) -> Result<PollReport, PollError> {
+        let shop = self.client.shop().to_string();
+        let window = chrono::Duration::from_std(MAX_WINDOW).unwrap_or(chrono::Duration::days(14));
+        let window_from = now - window + WINDOW_MARGIN;
+        let mut report = PollReport::default();
+        // A gap longer than the window (an outage): list it first.
+        let cursor = orders::cursor(&self.pool, "kaspi", &shop).await?;
+        if let Some(until) = cursor.and_then(|c| c.listed_until) {
+            let gap_from = until - GAP_OVERLAP;
+            if gap_from < window_from {
+                tracing::warn!(from = %gap_from, to = %window_from, "Listing the gap since the last complete poll.");
+                let listed = self.client.list_orders(gap_from, window_from).await?;
+                self.ingest(listed, &mut report).await?;
+            }
+        }
+        let listed = self.client.list_orders(window_from, now).await?;
+        self.ingest(listed, &mut report).await?;
+        // Active orders that left the window: one by one until terminal.
+        for known in orders::active_created_before(&self.pool, "kaspi", &shop, window_from).await? {
+            match self.client.order(&known.external_id).await? {
+                Some(order) => {
+                    report.refreshed += 1;
+                    if order.content_hash != known.content_hash {
+                        self.write(order, &mut report, true).await?;
+                    }
+                }
+                None => {
+                    tracing::warn!(order = %known.external_id, "An active order is no longer known to Kaspi.")
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    async fn ingest(
+        &self,
+        listed: Vec<KaspiOrder>,
+        report: &mut PollReport,
+    ) -> Result<(), PollError> {
+        report.listed += listed.len();
+        let ids: Vec<String> = listed.iter().map(|o| o.order.external_id.clone()).collect();
+        let known = orders::known(&self.pool, "kaspi", self.client.shop(), &ids).await?;
+        for order in listed {
+            match known.get(&order.order.external_id) {
+                Some(k)
+                    if k.content_hash == order.content_hash
+                        && (k.has_items || order.order.items.is_empty()) =>
+                {
+                    report.unchanged += 1;
+                }
+                Some(k) => {
+                    let has_items = k.has_items;
+                    self.write(order, report, has_items).await?;
+                }
+                None => self.write(order, report, false).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one order (fetching its lines first when it has none yet).
+    async fn write(
+        &self,
+        mut order: KaspiOrder,
+        report: &mut PollReport,
+        have_items: bool,
+    ) -> Result<(), PollError> {
+        if !order.items_included && !have_items {
+            order.order.items = self.client.entries(&order.order.external_id).await?;
+            report.entries_fetched += 1;
+        } else if !order.items_included && have_items {
+            // Keep the stored lines: a read by id does not carry them.
+            if let Some(stored) = orders::snapshot(
+                &self.pool,
+                "kaspi",
+                self.client.shop(),
+                &order.order.external_id,
+            )
+            .await?
+            {
+                order.order.items = stored.items;
+            }
+        }
+        match ingest::write_order(
+            &self.pool,
+            &order.order,
+            &order.content_hash,
+            &self.crm_target,
+        )
+        .await?
+        {
+            Written::New => report.new += 1,
+            Written::Changed { status_from } => {
+                report.changed += 1;
+                if let Some(from) = status_from {
+                    tracing::info!(order = %order.order.code, from = %from, to = %order.order.status,
+                        "Kaspi order changed stage.");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls every `interval` until `shutdown`.
+    pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let _ = self.poll_once(Utc::now()).await;
+        }
+    }
+}
