@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::ingest::{self, Written};
-use crate::connectors::kaspi::{KaspiClient, KaspiError, KaspiOrder, MAX_WINDOW};
+use crate::connectors::kaspi::{windows, KaspiClient, KaspiError, KaspiOrder, PageRun, MAX_WINDOW};
 use crate::store::{orders, StoreError};
 
 /// How far back a poll re-lists before the cursor after a gap.
@@ -96,12 +96,11 @@ impl KaspiPoller {
             let gap_from = until - GAP_OVERLAP;
             if gap_from < window_from {
                 tracing::warn!(from = %gap_from, to = %window_from, "Listing the gap since the last complete poll.");
-                let listed = self.client.list_orders(gap_from, window_from).await?;
-                self.ingest(listed, &mut report).await?;
+                self.list_and_ingest(gap_from, window_from, &mut report)
+                    .await?;
             }
         }
-        let listed = self.client.list_orders(window_from, now).await?;
-        self.ingest(listed, &mut report).await?;
+        self.list_and_ingest(window_from, now, &mut report).await?;
         // Active orders that left the window: one by one until terminal.
         for known in orders::active_created_before(&self.pool, "kaspi", &shop, window_from).await? {
             match self.client.order(&known.external_id).await? {
@@ -117,6 +116,28 @@ impl KaspiPoller {
             }
         }
         Ok(report)
+    }
+
+    /// Lists `[from, to]` window by window and page run by page run, storing
+    /// each run before reading the next: a failure keeps what came before it.
+    async fn list_and_ingest(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        report: &mut PollReport,
+    ) -> Result<(), PollError> {
+        for (start, end) in windows(from, to) {
+            let mut run = PageRun::First;
+            loop {
+                let (listed, more) = self.client.list_pages(start, end, run).await?;
+                self.ingest(listed, report).await?;
+                match more {
+                    Some(next) => run = next,
+                    None => break,
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn ingest(

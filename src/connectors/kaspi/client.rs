@@ -94,6 +94,15 @@ pub enum Transition {
     },
 }
 
+/// Where a window's listing stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageRun {
+    /// Page 0, which tells the page count.
+    First,
+    /// Pages from `page` on, of `page_count`.
+    From { page: u64, page_count: u64 },
+}
+
 /// What a transition did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransitionOutcome {
@@ -275,25 +284,53 @@ impl KaspiClient {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<KaspiOrder>, KaspiError> {
-        let (first, page_count) = self.list_page(from, to, 0).await?;
-        let mut orders = first;
-        let mut next = 1;
-        while next < page_count {
-            let last = (next + PARALLEL_PAGES as u64).min(page_count);
-            let pages =
-                futures::future::try_join_all((next..last).map(|p| self.list_page(from, to, p)))
-                    .await?;
-            let mut empty = false;
-            for (page, _) in pages {
-                empty |= page.is_empty();
-                orders.extend(page);
+        let mut orders = Vec::new();
+        let mut next = PageRun::First;
+        loop {
+            let (batch, more) = self.list_pages(from, to, next).await?;
+            orders.extend(batch);
+            match more {
+                Some(run) => next = run,
+                None => return Ok(orders),
             }
-            if empty {
-                break;
-            }
-            next = last;
         }
-        Ok(orders)
+    }
+
+    /// A run of pages of one window: the first page alone (it tells the page
+    /// count), then up to 4 pages at a time. Returns the orders and the next run,
+    /// if any, so a caller can store each run before reading the next.
+    pub async fn list_pages(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        run: PageRun,
+    ) -> Result<(Vec<KaspiOrder>, Option<PageRun>), KaspiError> {
+        let (page, page_count) = match run {
+            PageRun::First => {
+                let (orders, page_count) = self.list_page(from, to, 0).await?;
+                let more = (page_count > 1 && !orders.is_empty()).then_some(PageRun::From {
+                    page: 1,
+                    page_count,
+                });
+                return Ok((orders, more));
+            }
+            PageRun::From { page, page_count } => (page, page_count),
+        };
+        let last = (page + PARALLEL_PAGES as u64).min(page_count);
+        let pages =
+            futures::future::try_join_all((page..last).map(|p| self.list_page(from, to, p)))
+                .await?;
+        let mut orders = Vec::new();
+        let mut empty = false;
+        for (batch, _) in pages {
+            empty |= batch.is_empty();
+            orders.extend(batch);
+        }
+        let more = (!empty && last < page_count).then_some(PageRun::From {
+            page: last,
+            page_count,
+        });
+        Ok((orders, more))
     }
 
     async fn list_page(
