@@ -282,7 +282,10 @@ impl KaspiSim {
 
     pub fn order_by_code(&self, code: &str) -> Option<SimOrder> {
         let st = self.lock();
-        st.orders.iter().find(|o| o.spec.code == code).map(|o| o.sim())
+        st.orders
+            .iter()
+            .find(|o| o.spec.code == code)
+            .map(|o| o.sim())
     }
 
     /// Every order, in creation order of the calls to `create_order`.
@@ -311,7 +314,11 @@ impl KaspiSim {
                         "simulated Kaspi action out of turn was ignored");
                 }
             }
-            None => tracing::warn!(order = id, action = what, "simulated Kaspi action on an unknown order"),
+            None => tracing::warn!(
+                order = id,
+                action = what,
+                "simulated Kaspi action on an unknown order"
+            ),
         }
     }
 

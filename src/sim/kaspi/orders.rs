@@ -137,8 +137,8 @@ pub(super) fn list(st: &mut State, req: &Req) -> Reply {
 fn page_of_window(st: &mut State, req: &Req, inc: Include) -> Result<Reply, Reply> {
     let number = int_param(req, "page[number]")?
         .ok_or_else(|| Reply::error(400, "page[number] is required"))?;
-    let size = int_param(req, "page[size]")?
-        .ok_or_else(|| Reply::error(400, "page[size] is required"))?;
+    let size =
+        int_param(req, "page[size]")?.ok_or_else(|| Reply::error(400, "page[size] is required"))?;
     if number < 0 {
         return Err(Reply::error(400, "page[number] must not be negative"));
     }
@@ -146,7 +146,9 @@ fn page_of_window(st: &mut State, req: &Req, inc: Include) -> Result<Reply, Repl
         return Err(Reply::error(400, "page[size] must be positive"));
     }
     // Asking for more than 100 silently gets 100.
-    let size = usize::try_from(size).unwrap_or(MAX_PAGE_SIZE).min(MAX_PAGE_SIZE);
+    let size = usize::try_from(size)
+        .unwrap_or(MAX_PAGE_SIZE)
+        .min(MAX_PAGE_SIZE);
     let number = usize::try_from(number).unwrap_or(usize::MAX);
 
     let from = match (
@@ -355,10 +357,7 @@ pub(super) fn transition(st: &mut State, req: &Req) -> Reply {
         "ASSEMBLE" => assemble(st, i, attrs),
         "ARRIVED" => arrived(&mut st.orders[i]),
         "ARRIVED_BACKWARD" => arrived_backward(&mut st.orders[i]),
-        other => Reply::error(
-            400,
-            &format!("Status {other} can't be set by the merchant"),
-        ),
+        other => Reply::error(400, &format!("Status {other} can't be set by the merchant")),
     }
 }
 
@@ -501,9 +500,7 @@ fn assemble(st: &mut State, i: usize, attrs: &Map<String, Value>) -> Reply {
             Ok(n) if (1..=50).contains(&n) => n,
             _ => return Reply::error(400, "numberOfSpace must be between 1 and 50"),
         },
-        Some(_) => {
-            return Reply::error(400, "numberOfSpace must be a string, for example \"2\"")
-        }
+        Some(_) => return Reply::error(400, "numberOfSpace must be a string, for example \"2\""),
     };
     let number = st.next_waybill_number();
     let order = &mut st.orders[i];

@@ -114,7 +114,10 @@ impl State {
 fn delivery_state(is_kaspi_delivery: bool, delivery_mode: &str) -> &'static str {
     if is_kaspi_delivery {
         "KASPI_DELIVERY"
-    } else if matches!(delivery_mode, "DELIVERY_PICKUP" | "DELIVERY_REGIONAL_PICKUP") {
+    } else if matches!(
+        delivery_mode,
+        "DELIVERY_PICKUP" | "DELIVERY_REGIONAL_PICKUP"
+    ) {
         "PICKUP"
     } else {
         "DELIVERY"
