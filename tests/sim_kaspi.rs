@@ -629,6 +629,10 @@ async fn completion_takes_two_steps_with_the_buyers_code() {
     let (status, err) = send(step(wrong)).await;
     assert_eq!(status, 400);
     assert_eq!(
+        err,
+        json!({ "errors": [{ "title": "Security code is not valid. And the order cannot be completed without it" }] })
+    );
+    assert_eq!(
         title(&err),
         "Security code is not valid. And the order cannot be completed without it"
     );
