@@ -10,7 +10,7 @@
 //! [`KaspiSim`]: seed orders, play Kaspi, the buyer or the courier, inject
 //! faults, and inspect what the client sent.
 //!
-//! Layout: [`server`] is the HTTP front (faults, latency, `Accept`, auth,
+//! Layout: `server` is the HTTP front (faults, latency, `Accept`, auth,
 //! routing, the request log); `orders` answers the endpoints; `state` holds
 //! the orders and their state machine; `render` turns them into JSON:API
 //! resources.

@@ -56,9 +56,7 @@ impl Reply {
     pub fn error(status: u16, title: &str) -> Reply {
         Reply {
             status,
-            body: Body::Json(
-                json!({ "errors": [{ "title": title, "status": status.to_string() }] }),
-            ),
+            body: Body::Json(json!({ "errors": [{ "title": title }] })),
         }
     }
 
