@@ -85,6 +85,8 @@ pub enum BenchWhich {
     Outbox(crate::bench::outbox::OutboxBenchArgs),
     /// The amoCRM client against the simulator at 7 req/s: 10,000 status updates.
     Amocrm(crate::bench::amocrm::AmoBenchArgs),
+    /// The Kaspi poller against the simulator: 5,000 orders, first and steady polls.
+    Kaspi(crate::bench::kaspi::KaspiBenchArgs),
 }
 
 /// Exit code for an invalid configuration.
@@ -112,6 +114,15 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             which: BenchWhich::Outbox(args),
         } => {
             crate::bench::outbox::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Bench {
+            which: BenchWhich::Kaspi(args),
+        } => {
+            let settings = settings.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::bench::kaspi::run(&settings, &args, &mut std::io::stdout())
+            })
+            .await??;
         }
         Command::Bench {
             which: BenchWhich::Amocrm(args),

@@ -222,6 +222,13 @@ pub struct Shop {
     pub client_id: Option<String>,
     /// Avito: OAuth client secret.
     pub client_secret: Option<SecretString>,
+    /// Per-request timeout.
+    #[serde(with = "humantime_serde", default = "default_shop_timeout")]
+    pub request_timeout: Duration,
+}
+
+fn default_shop_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_shop_poll() -> Duration {

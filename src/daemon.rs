@@ -7,7 +7,9 @@ use tokio_util::sync::CancellationToken;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::config::{CrmAuth, Settings};
+use crate::config::{CrmAuth, MarketplaceKind, Settings};
+use crate::connectors::kaspi::{KaspiClient, KaspiShop};
+use crate::sync::kaspi_poll::KaspiPoller;
 use crate::connectors::amocrm::{AmoAccount, AmoAuth, AmoClient, AmoError};
 use crate::http::hooks::HookAccount;
 use crate::outbox::limits::Limiters;
@@ -70,9 +72,10 @@ pub async fn run_until(
     let limiters = limiters(&settings);
     let crm_clients = amocrm_clients(&settings, &pool, &limiters).await?;
     let engine = Engine::builder(pool.clone(), EngineConfig::from_settings(&settings.outbox))
-        .limiters(limiters)
+        .limiters(limiters.clone())
         .build();
     tracing::info!(clients = crm_clients.len(), "amoCRM clients ready.");
+    let pollers = start_pollers(&settings, &pool, &limiters, &shutdown)?;
     tracing::info!(
         replica = engine.owner(),
         crm_accounts = settings.crm_accounts.len(),
@@ -81,6 +84,9 @@ pub async fn run_until(
     );
     let engine_result = engine.run(shutdown.clone()).await;
     shutdown.cancel();
+    for poller in pollers {
+        let _ = poller.await;
+    }
     match http.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "The HTTP server stopped with an error."),
@@ -100,6 +106,44 @@ pub fn limiters(settings: &Settings) -> Arc<Limiters> {
         limiters = limiters.with_per_request(format!("amocrm:{name}"), crm.rate_limit);
     }
     Arc::new(limiters)
+}
+
+/// One poller task per Kaspi shop, each polling at its shop's interval until shutdown.
+pub fn start_pollers(
+    settings: &Settings,
+    pool: &sqlx::PgPool,
+    limiters: &Limiters,
+    shutdown: &CancellationToken,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
+    let mut tasks = Vec::new();
+    for (name, shop) in &settings.shops {
+        match shop.marketplace {
+            MarketplaceKind::Kaspi => {
+                let token = shop
+                    .token
+                    .clone()
+                    .ok_or_else(|| DaemonError::Config(format!("shops.{name}.token is missing")))?;
+                let client = KaspiClient::new(
+                    KaspiShop {
+                        name: name.clone(),
+                        base_url: shop.base_url.clone(),
+                        token,
+                        merchant_uid: shop.merchant_uid.clone(),
+                        timeout: shop.request_timeout,
+                    },
+                    limiters.limiter(&format!("kaspi:{name}")),
+                )
+                .map_err(|e| DaemonError::Config(format!("shops.{name}: {e}")))?;
+                let poller = KaspiPoller::new(client, pool.clone(), format!("amocrm:{}", shop.crm_account));
+                tracing::info!(shop = %name, every_s = shop.poll_interval.as_secs(), "Kaspi poller started.");
+                tasks.push(tokio::spawn(poller.run(shop.poll_interval, shutdown.clone())));
+            }
+            MarketplaceKind::Avito => {
+                tracing::warn!(shop = %name, "The Avito connector is not built yet; this shop is not polled.");
+            }
+        }
+    }
+    Ok(tasks)
 }
 
 /// The webhook-accepting CRM accounts.

@@ -369,7 +369,8 @@ async fn errors_are_classified() {
     let sim = sim(KaspiSimConfig::default()).await;
     let client = good(&sim);
     let range = || (now() - chrono::Duration::days(1), now());
-    let cases: Vec<(KaspiFault, fn(&KaspiError) -> bool, bool)> = vec![
+    type Expect = fn(&KaspiError) -> bool;
+    let cases: Vec<(KaspiFault, Expect, bool)> = vec![
         (
             KaspiFault::ServerError,
             |e| matches!(e, KaspiError::Server { status: 500, .. }),

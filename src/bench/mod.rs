@@ -3,4 +3,5 @@
 //! databases that are dropped afterwards.
 
 pub mod amocrm;
+pub mod kaspi;
 pub mod outbox;

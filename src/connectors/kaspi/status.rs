@@ -193,6 +193,18 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_map_documents_and_covers_every_key() {
+        let map = include_str!("../../../config/maps/kaspi.toml");
+        let table: toml::Table = map.parse().unwrap();
+        let statuses = table["statuses"].as_table().unwrap();
+        for key in STATUS_KEYS {
+            assert!(map.contains(&format!("#   {key} ")), "{key} is not documented in the map's comments");
+            assert!(statuses.contains_key(*key), "{key} has no row in [statuses]");
+        }
+        assert_eq!(statuses.len(), STATUS_KEYS.len(), "no row for a key that does not exist");
+    }
+
+    #[test]
     fn unknown_values_are_explicit() {
         assert_eq!(
             derive("NEW", "TELEPORTED", false, false, false),
