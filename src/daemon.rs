@@ -8,13 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::{CrmAuth, MarketplaceKind, Settings};
-use crate::connectors::kaspi::{KaspiClient, KaspiShop};
-use crate::sync::kaspi_poll::KaspiPoller;
 use crate::connectors::amocrm::{AmoAccount, AmoAuth, AmoClient, AmoError};
+use crate::connectors::kaspi::{KaspiClient, KaspiShop};
 use crate::http::hooks::HookAccount;
 use crate::outbox::limits::Limiters;
 use crate::outbox::{Engine, EngineConfig, OutboxError};
 use crate::store::StoreError;
+use crate::sync::kaspi_poll::KaspiPoller;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -134,9 +134,12 @@ pub fn start_pollers(
                     limiters.limiter(&format!("kaspi:{name}")),
                 )
                 .map_err(|e| DaemonError::Config(format!("shops.{name}: {e}")))?;
-                let poller = KaspiPoller::new(client, pool.clone(), format!("amocrm:{}", shop.crm_account));
+                let poller =
+                    KaspiPoller::new(client, pool.clone(), format!("amocrm:{}", shop.crm_account));
                 tracing::info!(shop = %name, every_s = shop.poll_interval.as_secs(), "Kaspi poller started.");
-                tasks.push(tokio::spawn(poller.run(shop.poll_interval, shutdown.clone())));
+                tasks.push(tokio::spawn(
+                    poller.run(shop.poll_interval, shutdown.clone()),
+                ));
             }
             MarketplaceKind::Avito => {
                 tracing::warn!(shop = %name, "The Avito connector is not built yet; this shop is not polled.");

@@ -332,11 +332,18 @@ token = "kaspi-test-token"
     let started = Instant::now();
     let pool = loop {
         if let Ok(pool) = sqlx::PgPool::connect(&url).await {
-            if sqlx::query("SELECT 1 FROM orders LIMIT 1").execute(&pool).await.is_ok() {
+            if sqlx::query("SELECT 1 FROM orders LIMIT 1")
+                .execute(&pool)
+                .await
+                .is_ok()
+            {
                 break pool;
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "daemon did not migrate");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "daemon did not migrate"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     wait_for("both orders ingested", Duration::from_secs(30), || async {

@@ -49,7 +49,11 @@ struct Figures {
 }
 
 /// Runs the benchmark on threads of its own and prints its figures.
-pub fn run(settings: &Settings, args: &KaspiBenchArgs, out: &mut impl Write) -> Result<(), KaspiBenchError> {
+pub fn run(
+    settings: &Settings,
+    args: &KaspiBenchArgs,
+    out: &mut impl Write,
+) -> Result<(), KaspiBenchError> {
     let url = settings.database.url.expose_secret().to_string();
     let args = args.clone();
     // The simulator: its own thread and runtime, so its CPU is not counted.
@@ -58,13 +62,16 @@ pub fn run(settings: &Settings, args: &KaspiBenchArgs, out: &mut impl Write) -> 
     let orders = args.orders;
     let latency = Duration::from_millis(args.latency_ms);
     let sim_thread = std::thread::spawn(move || -> Result<(), KaspiBenchError> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         runtime.block_on(async move {
             let sim = KaspiSim::start(KaspiSimConfig::default()).await?;
             let now = chrono::Utc::now().timestamp_millis();
             for i in 0..orders {
                 // Spread over the last 13 days.
-                let created = now - 13 * 24 * 3600 * 1000 + (i as i64) * (13 * 24 * 3600 * 1000 / orders.max(1) as i64);
+                let created = now - 13 * 24 * 3600 * 1000
+                    + (i as i64) * (13 * 24 * 3600 * 1000 / orders.max(1) as i64);
                 sim.create_order(SimOrderSpec::new(&format!("{}", 100_000_000 + i), created));
             }
             sim.set_latency(latency);
@@ -79,7 +86,9 @@ pub fn run(settings: &Settings, args: &KaspiBenchArgs, out: &mut impl Write) -> 
         .recv()
         .map_err(|_| KaspiBenchError::Failed("the simulator did not start".into()))?;
     let poll_thread = std::thread::spawn(move || -> Result<Figures, KaspiBenchError> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         runtime.block_on(measure(&url, sim))
     });
     let figures = poll_thread
@@ -97,7 +106,7 @@ pub fn run(settings: &Settings, args: &KaspiBenchArgs, out: &mut impl Write) -> 
 
 async fn measure(url: &str, sim: KaspiSim) -> Result<Figures, KaspiBenchError> {
     crate::store::create_database_if_missing(url).await?;
-    let db = ScratchDatabase::create(url, "orderbridge_bench", 4).await?;
+    let db = ScratchDatabase::create(url, "orderbridge_bench", 12).await?;
     let result = polls(&db, &sim).await;
     db.drop_now().await?;
     result
@@ -127,7 +136,10 @@ async fn polls(db: &ScratchDatabase, sim: &KaspiSim) -> Result<Figures, KaspiBen
     let steady_s = started.elapsed().as_secs_f64();
     let steady_requests = sim.requests().len() - before;
     let cpu_s = thread_cpu_seconds() - cpu_start;
-    if first.new != first.listed || steady.unchanged != steady.listed || steady.listed != first.listed {
+    if first.new != first.listed
+        || steady.unchanged != steady.listed
+        || steady.listed != first.listed
+    {
         return Err(KaspiBenchError::Failed(format!(
             "unexpected polls: first {first:?}, steady {steady:?}"
         )));
@@ -152,6 +164,11 @@ fn thread_cpu_seconds() -> f64 {
         return 0.0;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }

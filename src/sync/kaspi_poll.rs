@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +30,27 @@ pub enum PollError {
     Kaspi(#[from] KaspiError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Orders written at the same time during a poll (each in its own transaction).
+const WRITE_CONCURRENCY: usize = 8;
+
+/// One order written.
+struct WriteDone {
+    written: Written,
+    entries_fetched: bool,
+}
+
+impl PollReport {
+    fn add(&mut self, done: WriteDone) {
+        match done.written {
+            Written::New => self.new += 1,
+            Written::Changed { .. } => self.changed += 1,
+        }
+        if done.entries_fetched {
+            self.entries_fetched += 1;
+        }
+    }
 }
 
 /// What one poll did.
@@ -107,7 +129,8 @@ impl KaspiPoller {
                 Some(order) => {
                     report.refreshed += 1;
                     if order.content_hash != known.content_hash {
-                        self.write(order, &mut report, true).await?;
+                        let done = self.write(order, true).await?;
+                        report.add(done);
                     }
                 }
                 None => {
@@ -148,6 +171,7 @@ impl KaspiPoller {
         report.listed += listed.len();
         let ids: Vec<String> = listed.iter().map(|o| o.order.external_id.clone()).collect();
         let known = orders::known(&self.pool, "kaspi", self.client.shop(), &ids).await?;
+        let mut changed = Vec::new();
         for order in listed {
             match known.get(&order.order.external_id) {
                 Some(k)
@@ -156,26 +180,38 @@ impl KaspiPoller {
                 {
                     report.unchanged += 1;
                 }
-                Some(k) => {
-                    let has_items = k.has_items;
-                    self.write(order, report, has_items).await?;
-                }
-                None => self.write(order, report, false).await?,
+                Some(k) => changed.push((order, k.has_items)),
+                None => changed.push((order, false)),
             }
         }
-        Ok(())
+        // Each order is its own transaction; several run at once to overlap round trips.
+        let mut writes = futures::stream::iter(
+            changed
+                .into_iter()
+                .map(|(order, have_items)| self.write(order, have_items)),
+        )
+        .buffer_unordered(WRITE_CONCURRENCY);
+        let mut first_error = None;
+        while let Some(outcome) = writes.next().await {
+            match outcome {
+                Ok(done) => report.add(done),
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 
     /// Writes one order (fetching its lines first when it has none yet).
-    async fn write(
-        &self,
-        mut order: KaspiOrder,
-        report: &mut PollReport,
-        have_items: bool,
-    ) -> Result<(), PollError> {
+    async fn write(&self, mut order: KaspiOrder, have_items: bool) -> Result<WriteDone, PollError> {
+        let mut entries_fetched = false;
         if !order.items_included && !have_items {
             order.order.items = self.client.entries(&order.order.external_id).await?;
-            report.entries_fetched += 1;
+            entries_fetched = true;
         } else if !order.items_included && have_items {
             // Keep the stored lines: a read by id does not carry them.
             if let Some(stored) = orders::snapshot(
@@ -189,24 +225,24 @@ impl KaspiPoller {
                 order.order.items = stored.items;
             }
         }
-        match ingest::write_order(
+        let written = ingest::write_order(
             &self.pool,
             &order.order,
             &order.content_hash,
             &self.crm_target,
         )
-        .await?
+        .await?;
+        if let Written::Changed {
+            status_from: Some(from),
+        } = &written
         {
-            Written::New => report.new += 1,
-            Written::Changed { status_from } => {
-                report.changed += 1;
-                if let Some(from) = status_from {
-                    tracing::info!(order = %order.order.code, from = %from, to = %order.order.status,
-                        "Kaspi order changed stage.");
-                }
-            }
+            tracing::info!(order = %order.order.code, from = %from, to = %order.order.status,
+                "Kaspi order changed stage.");
         }
-        Ok(())
+        Ok(WriteDone {
+            written,
+            entries_fetched,
+        })
     }
 
     /// Polls every `interval` until `shutdown`.

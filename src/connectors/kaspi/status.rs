@@ -198,10 +198,20 @@ mod tests {
         let table: toml::Table = map.parse().unwrap();
         let statuses = table["statuses"].as_table().unwrap();
         for key in STATUS_KEYS {
-            assert!(map.contains(&format!("#   {key} ")), "{key} is not documented in the map's comments");
-            assert!(statuses.contains_key(*key), "{key} has no row in [statuses]");
+            assert!(
+                map.contains(&format!("#   {key} ")),
+                "{key} is not documented in the map's comments"
+            );
+            assert!(
+                statuses.contains_key(*key),
+                "{key} has no row in [statuses]"
+            );
         }
-        assert_eq!(statuses.len(), STATUS_KEYS.len(), "no row for a key that does not exist");
+        assert_eq!(
+            statuses.len(),
+            STATUS_KEYS.len(),
+            "no row for a key that does not exist"
+        );
     }
 
     #[test]
