@@ -225,6 +225,63 @@ pub struct Shop {
     /// Per-request timeout.
     #[serde(with = "humantime_serde", default = "default_shop_timeout")]
     pub request_timeout: Duration,
+    /// Avito: the secret path segment of `POST /hooks/avito/{secret}` (messenger).
+    pub webhook_secret: Option<SecretString>,
+    /// Avito: request limits (per endpoint per minute, and a global cap per second).
+    #[serde(default)]
+    pub avito_limits: AvitoLimits,
+}
+
+/// Avito's documented per-endpoint quotas and a conservative global cap (the
+/// one an earlier integration died on is not published).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AvitoLimits {
+    pub orders_per_minute: u32,
+    pub transitions_per_minute: u32,
+    pub tracking_per_minute: u32,
+    pub global_per_second: u32,
+}
+
+impl Default for AvitoLimits {
+    fn default() -> Self {
+        AvitoLimits {
+            orders_per_minute: 500,
+            transitions_per_minute: 100,
+            tracking_per_minute: 100,
+            global_per_second: 5,
+        }
+    }
+}
+
+impl AvitoLimits {
+    /// The quotas by limiter key of account `name` (see `AvitoLimiters::keys`).
+    pub fn quotas(&self, name: &str) -> Vec<(String, RateQuota)> {
+        let minute = Duration::from_secs(60);
+        let q = |requests: u32, per: Duration| RateQuota {
+            requests,
+            per,
+            burst: 1,
+        };
+        vec![
+            (
+                format!("avito:{name}"),
+                q(self.global_per_second, Duration::from_secs(1)),
+            ),
+            (
+                format!("avito:{name}:orders"),
+                q(self.orders_per_minute, minute),
+            ),
+            (
+                format!("avito:{name}:transitions"),
+                q(self.transitions_per_minute, minute),
+            ),
+            (
+                format!("avito:{name}:tracking"),
+                q(self.tracking_per_minute, minute),
+            ),
+        ]
+    }
 }
 
 fn default_shop_timeout() -> Duration {
@@ -500,6 +557,28 @@ impl Settings {
                         shop.client_secret.as_ref(),
                         &mut bad,
                     );
+                    if let Some(secret) = &shop.webhook_secret {
+                        if secret.expose_secret().len() < 16 {
+                            bad(
+                                format!("{base}.webhook_secret"),
+                                "must be at least 16 characters".into(),
+                            );
+                        }
+                    }
+                    let l = shop.avito_limits;
+                    for (key, value) in [
+                        ("orders_per_minute", l.orders_per_minute),
+                        ("transitions_per_minute", l.transitions_per_minute),
+                        ("tracking_per_minute", l.tracking_per_minute),
+                        ("global_per_second", l.global_per_second),
+                    ] {
+                        if value == 0 {
+                            bad(
+                                format!("{base}.avito_limits.{key}"),
+                                "must be at least 1".into(),
+                            );
+                        }
+                    }
                     if shop.token.is_some() || shop.merchant_uid.is_some() {
                         bad(format!("{base}.token"), "is a Kaspi key; an Avito account does not use `token` or `merchant_uid`".into());
                     }

@@ -9,11 +9,13 @@ use std::sync::Arc;
 
 use crate::config::{CrmAuth, MarketplaceKind, Settings};
 use crate::connectors::amocrm::{AmoAccount, AmoAuth, AmoClient, AmoError};
+use crate::connectors::avito::{AvitoAccount, AvitoClient, AvitoLimiters};
 use crate::connectors::kaspi::{KaspiClient, KaspiShop};
 use crate::http::hooks::HookAccount;
 use crate::outbox::limits::Limiters;
 use crate::outbox::{Engine, EngineConfig, OutboxError};
 use crate::store::StoreError;
+use crate::sync::avito_poll::AvitoPoller;
 use crate::sync::kaspi_poll::KaspiPoller;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,7 @@ pub async fn run_until(
             pool: pool.clone(),
             metrics,
             amocrm_hooks: std::sync::Arc::new(hook_accounts(&settings)),
+            avito_hooks: std::sync::Arc::new(avito_hook_accounts(&settings)),
             webhook_body_limit: settings.http.webhook_body_limit_bytes,
         },
         shutdown.clone(),
@@ -102,6 +105,14 @@ pub async fn run_until(
 /// make several calls), everything else per job.
 pub fn limiters(settings: &Settings) -> Arc<Limiters> {
     let mut limiters = Limiters::new(settings.outbox.limits.clone());
+    // Avito's clients take their permits per request, like amoCRM's.
+    for (name, shop) in &settings.shops {
+        if shop.marketplace == MarketplaceKind::Avito {
+            for (key, quota) in shop.avito_limits.quotas(name) {
+                limiters = limiters.with_per_request(key, quota);
+            }
+        }
+    }
     for (name, crm) in &settings.crm_accounts {
         limiters = limiters.with_per_request(format!("amocrm:{name}"), crm.rate_limit);
     }
@@ -142,11 +153,83 @@ pub fn start_pollers(
                 ));
             }
             MarketplaceKind::Avito => {
-                tracing::warn!(shop = %name, "The Avito connector is not built yet; this shop is not polled.");
+                let (Some(client_id), Some(client_secret)) =
+                    (shop.client_id.clone(), shop.client_secret.clone())
+                else {
+                    return Err(DaemonError::Config(format!(
+                        "shops.{name}: client_id and client_secret are required"
+                    )));
+                };
+                let client = AvitoClient::new(
+                    AvitoAccount {
+                        name: name.clone(),
+                        base_url: shop.base_url.clone(),
+                        client_id,
+                        client_secret,
+                        timeout: shop.request_timeout,
+                    },
+                    AvitoLimiters::from_registry(limiters, name),
+                )
+                .map_err(|e| DaemonError::Config(format!("shops.{name}: {e}")))?;
+                let crm_target = format!("amocrm:{}", shop.crm_account);
+                let poller = AvitoPoller::new(client.clone(), pool.clone(), crm_target.clone());
+                tracing::info!(shop = %name, every_s = shop.poll_interval.as_secs(), "Avito poller started.");
+                tasks.push(tokio::spawn(
+                    poller.run(shop.poll_interval, shutdown.clone()),
+                ));
+                tasks.push(tokio::spawn(run_messenger(
+                    client,
+                    pool.clone(),
+                    crm_target,
+                    shop.poll_interval,
+                    shutdown.clone(),
+                )));
             }
         }
     }
     Ok(tasks)
+}
+
+/// Avito messenger leads: the polling fallback over unread chats and the inbox
+/// processor, every `interval`.
+async fn run_messenger(
+    client: AvitoClient,
+    pool: sqlx::PgPool,
+    crm_target: String,
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(error) = crate::sync::avito_leads::poll_unread(&client, &pool).await {
+            tracing::warn!(account = %client.account(), %error, "Polling Avito's unread chats failed.");
+        }
+        if let Err(error) =
+            crate::sync::avito_leads::process_inbox(&client, &pool, &crm_target).await
+        {
+            tracing::warn!(account = %client.account(), %error, "Processing Avito messages failed; they stay in the inbox.");
+        }
+    }
+}
+
+/// The Avito accounts that accept messenger webhooks.
+pub fn avito_hook_accounts(settings: &Settings) -> Vec<crate::http::hooks::AvitoHookAccount> {
+    settings
+        .shops
+        .iter()
+        .filter(|(_, s)| s.marketplace == MarketplaceKind::Avito)
+        .filter_map(|(name, s)| {
+            Some(crate::http::hooks::AvitoHookAccount {
+                name: name.clone(),
+                secret: s.webhook_secret.clone()?,
+            })
+        })
+        .collect()
 }
 
 /// The webhook-accepting CRM accounts.

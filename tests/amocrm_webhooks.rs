@@ -29,6 +29,7 @@ async fn serve(pool: sqlx::PgPool, limit: usize) -> (String, tokio_util::sync::C
             account_id: 31361463,
         }]),
         webhook_body_limit: limit,
+        avito_hooks: Default::default(),
     };
     tokio::spawn(orderbridge::http::serve(listener, state, shutdown.clone()));
     (format!("http://{addr}"), shutdown)

@@ -268,6 +268,7 @@ async fn readyz_reports_an_unreachable_database() {
             metrics: orderbridge::telemetry::metrics().unwrap(),
             amocrm_hooks: Default::default(),
             webhook_body_limit: 1024,
+            avito_hooks: Default::default(),
         },
         shutdown.clone(),
     ));

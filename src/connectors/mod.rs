@@ -3,4 +3,5 @@
 //! wire types.
 
 pub mod amocrm;
+pub mod avito;
 pub mod kaspi;

@@ -111,3 +111,77 @@ pub(super) async fn amocrm(
         }
     }
 }
+
+/// An Avito account that accepts messenger webhooks.
+#[derive(Clone)]
+pub struct AvitoHookAccount {
+    pub name: String,
+    pub secret: SecretString,
+}
+
+impl std::fmt::Debug for AvitoHookAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AvitoHookAccount")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /hooks/avito/{secret}`: Avito's messenger webhook. The empty `{}` probe,
+/// the account's own messages and system messages are answered 200 and not
+/// stored; a buyer's message is stored in the inbox (deduplicated by message id).
+pub(super) async fn avito(
+    State(state): State<AppState>,
+    Path(secret): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(account) = state
+        .avito_hooks
+        .iter()
+        .find(|a| same_secret(a.secret.expose_secret(), &secret))
+    else {
+        tracing::warn!("An Avito webhook arrived with an unknown secret; answered 404.");
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let ok = || {
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({ "ok": true })),
+        )
+            .into_response()
+    };
+    let message = match crate::connectors::avito::webhook::parse(&body) {
+        Ok(crate::connectors::avito::webhook::Delivery::Probe) => return ok(),
+        Ok(crate::connectors::avito::webhook::Delivery::Other(kind)) => {
+            tracing::debug!(account = %account.name, kind, "An Avito webhook of another type; ignored.");
+            return ok();
+        }
+        Ok(crate::connectors::avito::webhook::Delivery::Message(message)) => message,
+        Err(error) => {
+            tracing::warn!(account = %account.name, %error, "A malformed Avito webhook was refused; nothing stored.");
+            metrics::counter!("orderbridge_webhooks_total", "source" => "avito", "result" => "malformed")
+                .increment(1);
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("malformed webhook: {error}"),
+            )
+                .into_response();
+        }
+    };
+    let Some(item) = crate::sync::avito_leads::inbox_item(&account.name, &message) else {
+        metrics::counter!("orderbridge_webhooks_total", "source" => "avito", "result" => "ignored")
+            .increment(1);
+        return ok();
+    };
+    match inbox::insert(&state.pool, &[item]).await {
+        Ok(_) => {
+            metrics::counter!("orderbridge_webhooks_total", "source" => "avito", "result" => "stored")
+                .increment(1);
+            ok()
+        }
+        Err(error) => {
+            tracing::error!(account = %account.name, %error, "Could not store an Avito webhook; answered 500.");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}

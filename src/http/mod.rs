@@ -23,6 +23,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// CRM accounts that accept webhooks.
     pub amocrm_hooks: std::sync::Arc<Vec<hooks::HookAccount>>,
+    /// Avito accounts that accept messenger webhooks.
+    pub avito_hooks: std::sync::Arc<Vec<hooks::AvitoHookAccount>>,
     /// Largest accepted webhook body (larger: 413).
     pub webhook_body_limit: usize,
 }
@@ -36,6 +38,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/hooks/amocrm/{secret}",
             post(hooks::amocrm).layer(DefaultBodyLimit::max(limit)),
+        )
+        .route(
+            "/hooks/avito/{secret}",
+            post(hooks::avito).layer(DefaultBodyLimit::max(limit)),
         )
         .with_state(state)
 }

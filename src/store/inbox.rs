@@ -71,3 +71,38 @@ pub async fn unprocessed(
     .await?;
     Ok(rows)
 }
+
+/// Marks an item processed.
+pub async fn mark_processed(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: i64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE inbox SET processed_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Records that a messenger chat became a lead; `false` when it already had.
+pub async fn claim_avito_chat(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    account: &str,
+    chat_id: &str,
+    item_id: Option<i64>,
+    buyer_id: Option<i64>,
+    first_message_id: &str,
+) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO avito_chats (account, chat_id, item_id, buyer_id, first_message_id)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(account)
+    .bind(chat_id)
+    .bind(item_id)
+    .bind(buyer_id)
+    .bind(first_message_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
