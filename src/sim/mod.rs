@@ -3,4 +3,5 @@
 //! connectors: they share no wire types or parsing code with the clients.
 //! Used by tests, benchmarks and the demo; nothing else imports this module.
 pub mod amocrm;
+pub mod avito;
 pub mod kaspi;
