@@ -226,9 +226,11 @@ impl Drop for Owner {
 ///   `{"error":"invalid_client","error_description"}`. Every call issues a new
 ///   token; older ones stay valid until their own expiry.
 /// - Limits are sliding windows (60 s per endpoint, 1 s global) counted only
-///   over requests that passed auth and were not 429'd. A 429 carries
-///   `X-RateLimit-Limit` (the limit that fired) and `X-RateLimit-Remaining: 0`,
-///   never `Retry-After`.
+///   over requests that passed auth and were not 429'd. No 429 carries
+///   `Retry-After`. Outside `/order-management/` a limit's 429 carries
+///   `X-RateLimit-Limit` (the limit that fired) and `X-RateLimit-Remaining: 0`;
+///   order-management 429s carry neither (the spec attaches them to none of its
+///   responses).
 /// - Order list: `ids`/`statuses` (also `ids[]`/`statuses[]`) repeated or comma
 ///   separated; `limit` absent or 0 means 20, over 20 or negative → 400;
 ///   `page` absent means 1, 0 or non-numeric → 400; `dateFrom` non-numeric → 400.

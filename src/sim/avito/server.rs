@@ -72,12 +72,16 @@ impl Reply {
         }
     }
 
+    /// A limit's 429. The spec attaches `X-RateLimit-*` to no order-management
+    /// response, so those go without; other paths carry them.
     fn too_many(envelope: Envelope, limit: u32) -> Reply {
         let mut reply = Reply::error(envelope, 429, "Too Many Requests");
-        reply.headers = vec![
-            ("x-ratelimit-limit", limit.to_string()),
-            ("x-ratelimit-remaining", "0".to_string()),
-        ];
+        if envelope == Envelope::Wrapped {
+            reply.headers = vec![
+                ("x-ratelimit-limit", limit.to_string()),
+                ("x-ratelimit-remaining", "0".to_string()),
+            ];
+        }
         reply
     }
 }
