@@ -87,6 +87,8 @@ pub enum BenchWhich {
     Amocrm(crate::bench::amocrm::AmoBenchArgs),
     /// The Kaspi poller against the simulator: 5,000 orders, first and steady polls.
     Kaspi(crate::bench::kaspi::KaspiBenchArgs),
+    /// Avito transitions against the simulator's (scaled) per-minute limit.
+    Avito(crate::bench::avito::AvitoBenchArgs),
 }
 
 /// Exit code for an invalid configuration.
@@ -114,6 +116,11 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             which: BenchWhich::Outbox(args),
         } => {
             crate::bench::outbox::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Bench {
+            which: BenchWhich::Avito(args),
+        } => {
+            crate::bench::avito::run(&args, &mut std::io::stdout()).await?;
         }
         Command::Bench {
             which: BenchWhich::Kaspi(args),

@@ -3,5 +3,6 @@
 //! databases that are dropped afterwards.
 
 pub mod amocrm;
+pub mod avito;
 pub mod kaspi;
 pub mod outbox;

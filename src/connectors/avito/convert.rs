@@ -165,3 +165,33 @@ pub(super) fn chat_from_wire(c: ChatWire) -> Chat {
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::STATUS_KEYS;
+
+    #[test]
+    fn the_shipped_map_documents_and_covers_every_key() {
+        let map = include_str!("../../../config/maps/avito.toml");
+        let table: toml::Table = map.parse().unwrap();
+        let statuses = table["statuses"].as_table().unwrap();
+        for key in STATUS_KEYS {
+            assert!(
+                map.contains(&format!("#   {key} ")),
+                "{key} is not documented"
+            );
+            assert!(statuses.contains_key(*key), "{key} has no row");
+        }
+        assert_eq!(statuses.len(), STATUS_KEYS.len());
+    }
+
+    #[test]
+    fn the_cyrillic_delivery_key_is_read() {
+        let wire: super::super::wire::SchedulesWire =
+            serde_json::from_str(r#"{"deliveryDateMaх": "2016-11-01T20:44:39Z"}"#).unwrap();
+        assert!(wire.delivery_date_max.is_some());
+        let latin: super::super::wire::SchedulesWire =
+            serde_json::from_str(r#"{"deliveryDateMax": "2016-11-01T20:44:39Z"}"#).unwrap();
+        assert!(latin.delivery_date_max.is_some());
+    }
+}
