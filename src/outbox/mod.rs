@@ -171,7 +171,7 @@ impl EngineBuilder {
     pub fn build(self) -> Engine {
         Engine {
             shared: Arc::new(Shared {
-                pool: self.pool,
+                pool: crate::store::outbox::engine_pool(&self.pool),
                 config: self.config,
                 owner: self.owner,
                 kinds: self.handlers.keys().cloned().collect(),

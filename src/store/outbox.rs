@@ -129,6 +129,25 @@ pub struct JobRow {
     pub last_error: Option<String>,
 }
 
+/// Connections the engine itself uses (listener, claims, completions, heartbeat).
+const ENGINE_CONNECTIONS: u32 = 6;
+
+/// The engine's own small pool on the same database, with `synchronous_commit`
+/// off: a claim or an outcome lost in a crash only means the job runs again
+/// (at least once, and handlers are level-triggered), so the engine need not
+/// wait for WAL flushes that enqueues (the callers' transactions) still wait for.
+pub fn engine_pool(pool: &PgPool) -> PgPool {
+    let options = pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .options([("synchronous_commit", "off")]);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(ENGINE_CONNECTIONS)
+        .acquire_timeout(pool.options().get_acquire_timeout())
+        .connect_lazy_with(options)
+}
+
 /// Enqueues one job inside the caller's transaction (or on a plain connection).
 /// Nothing is visible to workers until the caller commits; a rollback leaves no job.
 pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> Result<Enqueued, StoreError> {
