@@ -628,3 +628,72 @@ async fn after_an_outage_longer_than_the_window_the_gap_is_listed() {
     );
     p.db.drop_now().await.unwrap();
 }
+
+/// A stand-in for answers the simulator does not give to a well-behaved client.
+async fn fixed_answer(status: u16, content_type: &'static str, body: &'static str) -> String {
+    use axum::http::{header, StatusCode};
+    let app = axum::Router::new().fallback(move || async move {
+        (
+            StatusCode::from_u16(status).unwrap(),
+            [(header::CONTENT_TYPE, content_type)],
+            body,
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/shop/api/v2")
+}
+
+fn client_at(base_url: String) -> KaspiClient {
+    KaspiClient::new(
+        KaspiShop {
+            name: "kaspi_main".into(),
+            base_url,
+            token: SecretString::from("kaspi-test-token"),
+            merchant_uid: None,
+            timeout: Duration::from_secs(2),
+        },
+        None,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn html_404_is_a_configuration_error_and_json_403_an_auth_error() {
+    let range = (now() - chrono::Duration::days(1), now());
+    let html =
+        client_at(fixed_answer(404, "text/html", "<html><body>Not Found</body></html>").await);
+    let error = html.list_orders(range.0, range.1).await.unwrap_err();
+    assert!(matches!(error, KaspiError::Misconfigured), "{error}");
+    assert!(error.is_alert());
+    assert!(matches!(error.classify(), RetryAction::Permanent { .. }));
+    let json = client_at(
+        fixed_answer(
+            403,
+            "application/vnd.api+json",
+            r#"{"errors":[{"title":"Access denied"}]}"#,
+        )
+        .await,
+    );
+    let error = json.list_orders(range.0, range.1).await.unwrap_err();
+    assert!(
+        matches!(&error, KaspiError::Auth { status: 403, detail } if detail == "Access denied"),
+        "{error}"
+    );
+    assert!(error.is_alert());
+    let bad = client_at(
+        fixed_answer(
+            400,
+            "application/vnd.api+json",
+            r#"{"errors":[{"title":"Period is more than 14 days"}]}"#,
+        )
+        .await,
+    );
+    let error = bad.list_orders(range.0, range.1).await.unwrap_err();
+    assert!(
+        matches!(&error, KaspiError::BadRequest(t) if t.contains("14 days")),
+        "{error}"
+    );
+    assert!(matches!(error.classify(), RetryAction::Permanent { .. }));
+}
