@@ -199,13 +199,7 @@ async fn run_messenger(
     interval: std::time::Duration,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    crate::sync::every(interval, shutdown, || async {
         if let Err(error) = crate::sync::avito_leads::poll_unread(&client, &pool).await {
             tracing::warn!(account = %client.account(), %error, "Polling Avito's unread chats failed.");
         }
@@ -214,7 +208,8 @@ async fn run_messenger(
         {
             tracing::warn!(account = %client.account(), %error, "Processing Avito messages failed; they stay in the inbox.");
         }
-    }
+    })
+    .await
 }
 
 /// The Avito accounts that accept messenger webhooks.

@@ -247,14 +247,10 @@ impl KaspiPoller {
 
     /// Polls every `interval` until `shutdown`.
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        super::every(interval, shutdown, || async {
+            // A failure is logged and recorded in the cursor; the next round resumes.
             let _ = self.poll_once(Utc::now()).await;
-        }
+        })
+        .await
     }
 }
