@@ -96,6 +96,16 @@ pub const EXIT_CONFIG: i32 = 2;
 
 /// Runs the parsed command.
 pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::Run { .. } | Command::CheckConfig) {
+        let problems = crate::mapping::check_shop_maps(&settings);
+        if !problems.is_empty() {
+            eprintln!("orderbridge: invalid status map(s):");
+            for problem in &problems {
+                eprintln!("  - {problem}");
+            }
+            std::process::exit(EXIT_CONFIG);
+        }
+    }
     match cli.command {
         Command::Run { no_migrate } => crate::daemon::run(settings, !no_migrate).await?,
         Command::Migrate => {
@@ -105,7 +115,7 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         }
         Command::CheckConfig => {
             println!(
-                "configuration is valid: {} CRM account(s), {} shop(s)",
+                "configuration is valid: {} CRM account(s), {} shop(s), their maps valid",
                 settings.crm_accounts.len(),
                 settings.shops.len()
             );

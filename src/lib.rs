@@ -8,6 +8,7 @@
 //! - [`connectors`]: one folder per external API (client, private wire types, conversion);
 //! - [`telemetry`]: JSON logs, PII masking, the metrics recorder;
 //! - [`store`]: the PostgreSQL pool, migrations and every SQL statement;
+//! - [`mapping`]: the status maps admins edit, and their validation;
 //! - [`outbox`]: the job engine (claims, leases, retries, rate limits);
 //! - [`sync`]: ingest (order change + history + outbox intent in one transaction) and the pollers;
 //! - [`http`]: the axum side (`/healthz`, `/readyz`, `/metrics`);
@@ -22,6 +23,7 @@ pub mod connectors;
 pub mod daemon;
 pub mod domain;
 pub mod http;
+pub mod mapping;
 pub mod outbox;
 pub mod sim;
 pub mod store;

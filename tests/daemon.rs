@@ -360,3 +360,53 @@ token = "kaspi-test-token"
     drop(_daemon);
     drop_database(&name).await;
 }
+
+#[test]
+fn check_config_refuses_a_map_with_a_typo_naming_file_line_and_key() {
+    let dir = std::env::temp_dir().join(format!("orderbridge-map-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let shipped = std::fs::read_to_string("config/maps/kaspi.toml").unwrap();
+    let map = dir.join("kaspi.toml");
+    std::fs::write(
+        &map,
+        shipped.replacen("sla = \"2h\"", "sla = \"two hours\"", 1),
+    )
+    .unwrap();
+    let line = shipped
+        .lines()
+        .position(|l| l.contains("sla = \"2h\""))
+        .unwrap()
+        + 1;
+    let file = dir.join("orderbridge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[crm_accounts.main]\nbase_url = \"https://example.amocrm.ru\"\nauth = {{ mode = \"long_lived\", token = \"t\" }}\n\
+             [shops.k]\nmarketplace = \"kaspi\"\ncrm_account = \"main\"\nmap = \"{}\"\nbase_url = \"https://kaspi.kz/shop/api/v2\"\ntoken = \"x\"\n",
+            map.display()
+        ),
+    )
+    .unwrap();
+    let output = orderbridge(
+        &["--config", file.to_str().unwrap(), "check-config"],
+        "postgres://127.0.0.1:1/none",
+    )
+    .output()
+    .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let said = text(&output);
+    let expected = format!(
+        "{}:{line}: `statuses.accepted.sla`: `two hours` is not a duration",
+        map.display()
+    );
+    assert!(said.contains(&expected), "{said}");
+    // The shipped map is fine.
+    std::fs::write(&map, shipped).unwrap();
+    let output = orderbridge(
+        &["--config", file.to_str().unwrap(), "check-config"],
+        "postgres://127.0.0.1:1/none",
+    )
+    .output()
+    .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+}

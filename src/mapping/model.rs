@@ -1,0 +1,100 @@
+//! The map file's model, with spans so that every problem can name its line.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A map file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapFile {
+    pub pipeline: Spanned<PipelineRef>,
+    #[serde(default)]
+    pub roles: BTreeMap<Spanned<String>, Spanned<RoleDef>>,
+    #[serde(default)]
+    pub statuses: BTreeMap<Spanned<String>, Spanned<StatusRow>>,
+    #[serde(default)]
+    pub actions: BTreeMap<Spanned<String>, Spanned<ActionRow>>,
+}
+
+/// The CRM pipeline the map's stages belong to (name as admins see it, or id).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineRef {
+    pub name: Spanned<toml::Value>,
+}
+
+/// Who may be responsible, and how one is chosen.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleDef {
+    /// amoCRM user names or ids.
+    pub users: Spanned<Vec<toml::Value>>,
+    #[serde(default)]
+    pub pick: Option<Spanned<String>>,
+}
+
+/// What a status key means in the CRM.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRow {
+    pub stage: Option<Spanned<toml::Value>>,
+    pub role: Option<Spanned<String>>,
+    /// `15m`, `2h`, `1d`, or `end_of_day`.
+    pub sla: Option<Spanned<String>>,
+    /// Explicitly no stage for this status.
+    #[serde(default)]
+    pub ignore: bool,
+}
+
+/// The marketplace action a CRM stage stands for.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRow {
+    pub action: Spanned<String>,
+    /// Cancellation reason (Kaspi `cancel`).
+    pub reason: Option<Spanned<String>>,
+    /// Optional cancellation comment.
+    pub comment: Option<Spanned<String>>,
+    /// Parcels (Kaspi `assemble`), 1–50.
+    pub spaces: Option<Spanned<i64>>,
+}
+
+/// A map that could not be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("{file}: cannot read the map: {error}")]
+    Read { file: String, error: String },
+    #[error("{file}:{line}: {message}")]
+    Syntax {
+        file: String,
+        line: usize,
+        message: String,
+    },
+}
+
+/// The 1-based line of a byte offset.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Reads and parses a map file (syntax and shape only; see `validate`).
+pub fn load(path: &Path) -> Result<(MapFile, String), MapError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| MapError::Read {
+        file: file.clone(),
+        error: e.to_string(),
+    })?;
+    parse(&file, &text).map(|map| (map, text))
+}
+
+/// Parses map text named `file` in messages.
+pub fn parse(file: &str, text: &str) -> Result<MapFile, MapError> {
+    toml::from_str(text).map_err(|e| MapError::Syntax {
+        file: file.to_string(),
+        line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
+        message: e.message().to_string(),
+    })
+}
