@@ -45,6 +45,11 @@ pub enum Command {
         #[command(subcommand)]
         action: CircuitAction,
     },
+    /// Status maps: what the bridge would do.
+    Map {
+        #[command(subcommand)]
+        action: MapAction,
+    },
     /// Measure performance; prints `key: value` lines.
     Bench {
         #[command(subcommand)]
@@ -69,6 +74,26 @@ pub enum DlqAction {
     },
     /// Remove a dead job for good (its attempt history stays).
     Discard { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MapAction {
+    /// Explains a marketplace status (where the lead goes) or a CRM stage (what a
+    /// manager's move there does at the marketplace), for one shop's map.
+    Explain {
+        /// The shop (its name in config).
+        #[arg(long)]
+        shop: String,
+        /// A status key, e.g. `accepted`.
+        #[arg(long, conflicts_with = "stage")]
+        status: Option<String>,
+        /// A CRM stage name, e.g. "Готов к отгрузке".
+        #[arg(long)]
+        stage: Option<String>,
+        /// Resolve names to ids in the live CRM.
+        #[arg(long)]
+        online: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,6 +147,25 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Dlq { action } => dlq(&settings, action).await?,
         Command::Circuit { action } => circuit(&settings, action).await?,
+        Command::Map {
+            action:
+                MapAction::Explain {
+                    shop,
+                    status,
+                    stage,
+                    online,
+                },
+        } => {
+            let text = explain(
+                &settings,
+                &shop,
+                status.as_deref(),
+                stage.as_deref(),
+                online,
+            )
+            .await?;
+            println!("{text}");
+        }
         Command::Bench {
             which: BenchWhich::Outbox(args),
         } => {
@@ -148,6 +192,125 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the bridge would do for a status or a stage of one shop's map.
+pub async fn explain(
+    settings: &Settings,
+    shop: &str,
+    status: Option<&str>,
+    stage: Option<&str>,
+    online: bool,
+) -> anyhow::Result<String> {
+    use crate::mapping::{MapRegistry, MapSource, Route};
+    let Some(source) = MapSource::from_settings(settings)
+        .into_iter()
+        .find(|s| s.shop == shop)
+    else {
+        anyhow::bail!(
+            "no shop `{shop}` in the configuration (shops: {})",
+            settings
+                .shops
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    let crm = if online {
+        let pool = crate::daemon::open_database(&settings.database).await?;
+        crate::store::migrate(&pool).await?;
+        let limiters = crate::daemon::limiters(settings);
+        crate::daemon::amocrm_clients(settings, &pool, &limiters)
+            .await?
+            .into_iter()
+            .filter(|(name, _)| *name == source.crm_account)
+            .collect()
+    } else {
+        Default::default()
+    };
+    let registry = MapRegistry::load(vec![source.clone()], &crm)
+        .await
+        .map_err(|problems| anyhow::anyhow!("invalid map:\n  - {}", problems.join("\n  - ")))?;
+    let set = registry.current();
+    let map = set
+        .shops
+        .get(shop)
+        .ok_or_else(|| anyhow::anyhow!("the map of `{shop}` did not load"))?;
+    let id = |id: Option<u64>| id.map(|i| format!(" (id {i})")).unwrap_or_default();
+    if let Some(status) = status {
+        let Some(route) = map.route(status) else {
+            anyhow::bail!(
+                "`{status}` is not a status key of this map; keys: {}",
+                map.statuses.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        };
+        return Ok(match route {
+            Route::Ignore => {
+                format!("{shop}: status `{status}` is ignored: the lead's stage does not change")
+            }
+            Route::Stage {
+                stage,
+                stage_id,
+                role,
+                sla,
+            } => {
+                let who = match role
+                    .as_ref()
+                    .and_then(|r| map.roles.get(r).map(|def| (r, def)))
+                {
+                    Some((name, def)) => {
+                        format!("role `{name}` ({}; {})", def.users.join(", "), def.pick)
+                    }
+                    None => "the lead's current responsible".to_string(),
+                };
+                let sla = match sla {
+                    None => "no SLA".to_string(),
+                    Some(None) => "SLA until the end of the day".to_string(),
+                    Some(Some(d)) => format!("SLA {}", humantime::format_duration(*d)),
+                };
+                format!(
+                    "{shop}: status `{status}` → stage «{stage}»{} of pipeline «{}»{}; responsible: {who}; {sla}",
+                    id(*stage_id),
+                    map.pipeline,
+                    id(map.pipeline_id)
+                )
+            }
+        });
+    }
+    if let Some(stage) = stage {
+        return Ok(match map.action_for_stage(None, stage) {
+            Some(action) => {
+                let mut params = Vec::new();
+                if let Some(reason) = &action.reason {
+                    params.push(format!("reason {reason}"));
+                }
+                if let Some(spaces) = action.spaces {
+                    params.push(format!("{spaces} parcel(s)"));
+                }
+                if let Some(comment) = &action.comment {
+                    params.push(format!("comment «{comment}»"));
+                }
+                format!(
+                    "{shop}: a manager's move into «{}»{} → {} action `{}`{}",
+                    action.stage,
+                    id(action.stage_id),
+                    source.marketplace,
+                    action.action,
+                    if params.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", params.join(", "))
+                    }
+                )
+            }
+            None => format!(
+                "{shop}: a manager's move into «{stage}» does nothing at {}",
+                source.marketplace
+            ),
+        });
+    }
+    anyhow::bail!("give --status KEY or --stage NAME")
 }
 
 async fn circuit(settings: &Settings, action: CircuitAction) -> anyhow::Result<()> {

@@ -32,6 +32,8 @@ pub enum DaemonError {
     Amo(#[from] AmoError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("invalid status map(s):\n  - {0}")]
+    Maps(String),
     #[error("cannot install the signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -59,6 +61,21 @@ pub async fn run_until(
     } else {
         crate::store::ensure_schema_current(&pool).await?;
     }
+    let limiters = limiters(&settings);
+    let crm_clients = amocrm_clients(&settings, &pool, &limiters).await?;
+    let maps = Arc::new(
+        crate::mapping::MapRegistry::load(
+            crate::mapping::MapSource::from_settings(&settings),
+            &crm_clients,
+        )
+        .await
+        .map_err(|problems| DaemonError::Maps(problems.join("\n  - ")))?,
+    );
+    let watcher = tokio::spawn(maps.clone().watch(
+        crm_clients.clone(),
+        std::time::Duration::from_secs(2),
+        shutdown.clone(),
+    ));
     let listener = crate::http::bind(settings.http.listen).await?;
     tracing::info!(listen = %settings.http.listen, "Serving /healthz, /readyz and /metrics.");
     let http = tokio::spawn(crate::http::serve(
@@ -69,11 +86,10 @@ pub async fn run_until(
             amocrm_hooks: std::sync::Arc::new(hook_accounts(&settings)),
             avito_hooks: std::sync::Arc::new(avito_hook_accounts(&settings)),
             webhook_body_limit: settings.http.webhook_body_limit_bytes,
+            maps: Some(maps.clone()),
         },
         shutdown.clone(),
     ));
-    let limiters = limiters(&settings);
-    let crm_clients = amocrm_clients(&settings, &pool, &limiters).await?;
     let engine = Engine::builder(pool.clone(), EngineConfig::from_settings(&settings.outbox))
         .limiters(limiters.clone())
         .build();
@@ -90,6 +106,7 @@ pub async fn run_until(
     for poller in pollers {
         let _ = poller.await;
     }
+    let _ = watcher.await;
     match http.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "The HTTP server stopped with an error."),

@@ -30,6 +30,7 @@ async fn serve(pool: sqlx::PgPool, limit: usize) -> (String, tokio_util::sync::C
         }]),
         webhook_body_limit: limit,
         avito_hooks: Default::default(),
+        maps: None,
     };
     tokio::spawn(orderbridge::http::serve(listener, state, shutdown.clone()));
     (format!("http://{addr}"), shutdown)

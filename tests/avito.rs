@@ -340,6 +340,7 @@ async fn serve(pool: sqlx::PgPool, limit: usize) -> (String, tokio_util::sync::C
             secret: SecretString::from(SECRET),
         }]),
         webhook_body_limit: limit,
+        maps: None,
     };
     tokio::spawn(orderbridge::http::serve(listener, state, shutdown.clone()));
     (format!("http://{addr}"), shutdown)

@@ -27,6 +27,8 @@ pub struct AppState {
     pub avito_hooks: std::sync::Arc<Vec<hooks::AvitoHookAccount>>,
     /// Largest accepted webhook body (larger: 413).
     pub webhook_body_limit: usize,
+    /// The status maps in force (their last refused reload is shown by `/readyz`).
+    pub maps: Option<std::sync::Arc<crate::mapping::MapRegistry>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -109,12 +111,19 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // A refused map reload leaves the previous maps in force: shown, not fatal
+    // (webhooks must keep arriving while an admin fixes the file).
+    let map_errors = state.maps.as_ref().map(|m| m.errors()).unwrap_or_default();
     let ready = status == StatusCode::OK;
     (
         status,
         Json(serde_json::json!({
             "ready": ready,
-            "checks": { "database": database, "open_circuits": circuits }
+            "checks": {
+                "database": database,
+                "open_circuits": circuits,
+                "maps": if map_errors.is_empty() { serde_json::json!("ok") } else { serde_json::json!({ "reload_refused": map_errors }) },
+            }
         })),
     )
         .into_response()

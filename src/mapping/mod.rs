@@ -6,9 +6,13 @@
 //! against the live CRM and hot reload build on it.
 
 pub mod model;
+pub mod registry;
+pub mod resolve;
 pub mod validate;
 
 pub use model::{load, ActionRow, MapError, MapFile, StatusRow};
+pub use registry::{MapRegistry, MapSet, MapSource};
+pub use resolve::{resolve_online, CrmDirectory, Route, RoutingMap, StageAction};
 pub use validate::{validate, MapIssue, MarketplaceRules};
 
 use crate::config::{MarketplaceKind, Settings};

@@ -17,6 +17,25 @@ pub struct MapFile {
     pub statuses: BTreeMap<Spanned<String>, Spanned<StatusRow>>,
     #[serde(default)]
     pub actions: BTreeMap<Spanned<String>, Spanned<ActionRow>>,
+    /// What goes into the lead: its name, tags and custom fields.
+    #[serde(default)]
+    pub lead: Option<Spanned<LeadDef>>,
+}
+
+/// The lead's name template, tags, and which order data goes into which amoCRM field.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeadDef {
+    /// e.g. `"Kaspi {code}"`; placeholders: see `validate::TEMPLATE_FIELDS`.
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Order data slot → amoCRM lead custom field (name or id).
+    #[serde(default)]
+    pub fields: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+    /// Slot → (marketplace value → the select field's option label).
+    #[serde(default)]
+    pub enums: BTreeMap<Spanned<String>, BTreeMap<String, Spanned<String>>>,
 }
 
 /// The CRM pipeline the map's stages belong to (name as admins see it, or id).

@@ -131,6 +131,32 @@ pub fn parse_sla(value: &str) -> Option<Option<Duration>> {
 
 const PICKS: &[&str] = &["round_robin", "least_loaded"];
 
+/// Order data a lead field can carry.
+pub const FIELD_SLOTS: &[&str] = &[
+    "order_code",
+    "items",
+    "total",
+    "delivery_mode",
+    "delivery_address",
+    "planned_date",
+    "payment_mode",
+    "item_title",
+    "item_url",
+    "item_price",
+];
+
+/// Placeholders of the lead name template.
+pub const TEMPLATE_FIELDS: &[&str] = &["code", "total", "customer", "marketplace", "shop"];
+
+/// The `{placeholders}` of a template.
+pub fn placeholders(template: &str) -> Vec<&str> {
+    template
+        .split('{')
+        .skip(1)
+        .filter_map(|part| part.split_once('}').map(|(name, _)| name.trim()))
+        .collect()
+}
+
 /// Validates a parsed map; empty means valid.
 pub fn validate(file: &str, text: &str, map: &MapFile, rules: &MarketplaceRules) -> Vec<MapIssue> {
     let mut issues = Vec::new();
@@ -310,6 +336,48 @@ pub fn validate(file: &str, text: &str, map: &MapFile, rules: &MarketplaceRules)
                     spaces.span(),
                     format!("{key}.spaces"),
                     format!("{} parcels is outside 1–50", spaces.get_ref()),
+                );
+            }
+        }
+    }
+    // The lead: template placeholders, field slots, enum slots.
+    if let Some(lead) = &map.lead {
+        let lead = lead.get_ref();
+        for name in placeholders(lead.name.get_ref()) {
+            if !TEMPLATE_FIELDS.contains(&name) {
+                bad(
+                    lead.name.span(),
+                    "lead.name".into(),
+                    format!(
+                        "`{{{name}}}` is not a placeholder; use: {}",
+                        TEMPLATE_FIELDS
+                            .iter()
+                            .map(|f| format!("{{{f}}}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            }
+        }
+        for slot in lead.fields.keys().chain(lead.enums.keys()) {
+            if !FIELD_SLOTS.contains(&slot.get_ref().as_str()) {
+                bad(
+                    slot.span(),
+                    format!("lead.fields.{}", slot.get_ref()),
+                    format!(
+                        "`{}` is not order data the bridge has; use: {}",
+                        slot.get_ref(),
+                        FIELD_SLOTS.join(", ")
+                    ),
+                );
+            }
+        }
+        for slot in lead.enums.keys() {
+            if !lead.fields.keys().any(|f| f.get_ref() == slot.get_ref()) {
+                bad(
+                    slot.span(),
+                    format!("lead.enums.{}", slot.get_ref()),
+                    "has option labels but no field in [lead.fields] to put them in".into(),
                 );
             }
         }
