@@ -34,7 +34,12 @@ pub enum Command {
     /// Create the database if needed and apply pending migrations.
     Migrate,
     /// Validate the configuration and exit.
-    CheckConfig,
+    CheckConfig {
+        /// Also check every map against the live CRM (pipelines, stages, users,
+        /// fields, options); needs the database for the CRM tokens.
+        #[arg(long)]
+        online: bool,
+    },
     /// Inspect and replay dead-lettered jobs.
     Dlq {
         #[command(subcommand)]
@@ -121,7 +126,10 @@ pub const EXIT_CONFIG: i32 = 2;
 
 /// Runs the parsed command.
 pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
-    if matches!(cli.command, Command::Run { .. } | Command::CheckConfig) {
+    if matches!(
+        cli.command,
+        Command::Run { .. } | Command::CheckConfig { .. }
+    ) {
         let problems = crate::mapping::check_shop_maps(&settings);
         if !problems.is_empty() {
             eprintln!("orderbridge: invalid status map(s):");
@@ -138,11 +146,36 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             crate::store::migrate(&pool).await?;
             println!("database schema is current");
         }
-        Command::CheckConfig => {
+        Command::CheckConfig { online } => {
+            if online {
+                let pool = crate::daemon::open_database(&settings.database).await?;
+                crate::store::migrate(&pool).await?;
+                let limiters = crate::daemon::limiters(&settings);
+                let crm = crate::daemon::amocrm_clients(&settings, &pool, &limiters).await?;
+                let sources = crate::mapping::MapSource::from_settings(&settings);
+                let problems = match crate::mapping::MapRegistry::load(sources, &crm).await {
+                    Err(problems) => problems,
+                    Ok(registry) => registry
+                        .current()
+                        .shops
+                        .iter()
+                        .filter(|(_, map)| !map.online)
+                        .map(|(shop, map)| format!("{}: the CRM account of shop `{shop}` did not answer; only the offline checks ran", map.file))
+                        .collect(),
+                };
+                if !problems.is_empty() {
+                    eprintln!("orderbridge: the maps do not match the live CRM:");
+                    for problem in &problems {
+                        eprintln!("  - {problem}");
+                    }
+                    std::process::exit(EXIT_CONFIG);
+                }
+            }
             println!(
-                "configuration is valid: {} CRM account(s), {} shop(s), their maps valid",
+                "configuration is valid: {} CRM account(s), {} shop(s), their maps valid{}",
                 settings.crm_accounts.len(),
-                settings.shops.len()
+                settings.shops.len(),
+                if online { " against the live CRM" } else { "" }
             );
         }
         Command::Dlq { action } => dlq(&settings, action).await?,

@@ -326,3 +326,51 @@ async fn readyz_shows_a_refused_reload() {
     shutdown.cancel();
     db.drop_now().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_online_names_what_the_crm_lacks() {
+    let sim = sim().await;
+    seed_from_map(
+        &sim,
+        Path::new("config/maps/kaspi.toml"),
+        Some(("В доставке", "Доставка")),
+    );
+    let dir = std::env::temp_dir().join(format!("orderbridge-online-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("orderbridge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[crm_accounts.main]\nbase_url = \"{}\"\nauth = {{ mode = \"long_lived\", token = \"{TOKEN}\" }}\n\
+             [shops.k]\nmarketplace = \"kaspi\"\ncrm_account = \"main\"\nmap = \"config/maps/kaspi.toml\"\nbase_url = \"https://kaspi.kz/shop/api/v2\"\ntoken = \"x\"\n",
+            sim.base_url()
+        ),
+    )
+    .unwrap();
+    let name = format!("ob_test_{}", uuid::Uuid::new_v4().simple());
+    let mut url = reqwest::Url::parse(&admin_url()).unwrap();
+    url.set_path(&format!("/{name}"));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_orderbridge"))
+        .args([
+            "--config",
+            file.to_str().unwrap(),
+            "check-config",
+            "--online",
+        ])
+        .env("DATABASE_URL", url.as_str())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(2), "{said}");
+    assert!(said.contains("`statuses.handed_to_courier.stage`: pipeline `Kaspi Магазин` has no stage `В доставке`"), "{said}");
+    assert!(
+        said.contains("Доставка"),
+        "names the stages the pipeline has: {said}"
+    );
+    let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
