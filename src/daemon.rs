@@ -92,6 +92,19 @@ pub async fn run_until(
     ));
     let engine = Engine::builder(pool.clone(), EngineConfig::from_settings(&settings.outbox))
         .limiters(limiters.clone())
+        .handler(
+            crate::sync::ingest::CRM_SYNC_KIND,
+            crate::sync::to_crm::CrmSyncHandler {
+                pool: pool.clone(),
+                clients: crm_clients.clone(),
+                maps: maps.clone(),
+                shop_crm: settings
+                    .shops
+                    .iter()
+                    .map(|(name, shop)| (name.clone(), shop.crm_account.clone()))
+                    .collect(),
+            },
+        )
         .build();
     tracing::info!(clients = crm_clients.len(), "amoCRM clients ready.");
     let pollers = start_pollers(&settings, &pool, &limiters, &shutdown)?;

@@ -1,7 +1,8 @@
 //! The maps in force: loaded and validated at start, reloaded on SIGHUP and
 //! when a map file changes. A reload validates every map (online where the CRM
 //! answers) and swaps them in at once; any problem leaves the old maps in
-//! force, logs the problems and keeps them for `/readyz`. Work that started
+//! force, logs the problems and keeps them for `/readyz`. Maps that could only
+//! be checked offline (their CRM did not answer) are retried online every 30 s. Work that started
 //! under a map keeps its `Arc` to that map until it finishes.
 
 use std::collections::BTreeMap;
@@ -185,6 +186,11 @@ impl MapRegistry {
         }
     }
 
+    /// Whether some map could only be validated offline (its CRM did not answer).
+    pub fn any_offline(&self) -> bool {
+        self.current().shops.values().any(|m| !m.online)
+    }
+
     /// Whether a map file changed since the last load.
     pub fn changed_on_disk(&self) -> bool {
         *self.stamps.read().unwrap_or_else(|p| p.into_inner()) != stamps(&self.sources)
@@ -202,6 +208,9 @@ impl MapRegistry {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While a CRM did not answer, try to resolve its maps online again now and then.
+        let retry_offline = Duration::from_secs(30);
+        let mut last_try = std::time::Instant::now();
         loop {
             #[cfg(unix)]
             let signalled = async {
@@ -223,6 +232,10 @@ impl MapRegistry {
                 _ = tick.tick() => {
                     if self.changed_on_disk() {
                         tracing::info!("A map file changed; reloading the status maps.");
+                        last_try = std::time::Instant::now();
+                        let _ = self.reload(&crm).await;
+                    } else if self.any_offline() && last_try.elapsed() >= retry_offline {
+                        last_try = std::time::Instant::now();
                         let _ = self.reload(&crm).await;
                     }
                 }

@@ -4,6 +4,7 @@
 
 pub mod circuits;
 pub mod inbox;
+pub mod links;
 pub mod orders;
 pub mod outbox;
 pub mod tokens;

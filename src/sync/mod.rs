@@ -1,12 +1,13 @@
 //! Orchestration between the connectors, the store and the outbox: ingest
 //! (one transaction per order change: snapshot, stage history, outbox intent)
-//! and the marketplace pollers. CRM pushes, inbox processing and
-//! reconciliation join here in later issues.
+//! the marketplace pollers, and the Marketplace → CRM handler (`to_crm`).
+//! CRM → marketplace, amoCRM inbox processing and reconciliation join later.
 
 pub mod avito_leads;
 pub mod avito_poll;
 pub mod ingest;
 pub mod kaspi_poll;
+pub mod to_crm;
 
 use std::future::Future;
 use std::time::Duration;

@@ -271,6 +271,18 @@ impl AmoClient {
         Ok(leads)
     }
 
+    /// Leads amoCRM's full-text search finds for `query` (fuzzy: check the hits).
+    pub async fn search_leads(&self, query: &str) -> Result<Vec<Lead>, AmoError> {
+        let params = vec![q("query", query), q("limit", PAGE), q("with", "contacts")];
+        let answer = self
+            .call(Method::GET, "/api/v4/leads", &params, None)
+            .await?;
+        Ok(answer
+            .json::<wire::Hal<wire::Leads>>("leads")?
+            .map(|h| h.embedded.leads.into_iter().map(lead_from_wire).collect())
+            .unwrap_or_default())
+    }
+
     /// Leads updated at or after `from` (Unix seconds), oldest first, all pages.
     pub async fn leads_updated_since(&self, from: i64) -> Result<Vec<Lead>, AmoError> {
         let mut leads = Vec::new();

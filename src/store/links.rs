@@ -1,0 +1,138 @@
+//! SQL of CRM links (order → lead, contact, what the bridge last set) and of
+//! the local index of CRM contacts by normalised phone and email.
+
+use sqlx::{PgConnection, PgPool};
+
+use super::StoreError;
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Link {
+    pub order_id: i64,
+    pub crm_account: String,
+    pub lead_id: i64,
+    pub contact_id: Option<i64>,
+    pub pushed_pipeline_id: Option<i64>,
+    pub pushed_status_id: Option<i64>,
+}
+
+pub async fn get(pool: &PgPool, order_id: i64) -> Result<Option<Link>, StoreError> {
+    let row = sqlx::query_as(
+        "SELECT order_id, crm_account, lead_id, contact_id, pushed_pipeline_id, pushed_status_id
+         FROM crm_links WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row)
+}
+
+/// Records the lead an order became (and the stage the bridge set).
+pub async fn insert(pool: &PgPool, link: &Link) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO crm_links (order_id, crm_account, lead_id, contact_id, pushed_pipeline_id, pushed_status_id, pushed_at)
+         VALUES ($1, $2, $3, $4, $5, $6, now())
+         ON CONFLICT (order_id) DO UPDATE SET lead_id = EXCLUDED.lead_id, contact_id = EXCLUDED.contact_id,
+             pushed_pipeline_id = EXCLUDED.pushed_pipeline_id, pushed_status_id = EXCLUDED.pushed_status_id, pushed_at = now()",
+    )
+    .bind(link.order_id)
+    .bind(&link.crm_account)
+    .bind(link.lead_id)
+    .bind(link.contact_id)
+    .bind(link.pushed_pipeline_id)
+    .bind(link.pushed_status_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records the stage the bridge just set on a lead.
+pub async fn set_pushed(
+    pool: &PgPool,
+    order_id: i64,
+    pipeline_id: i64,
+    status_id: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE crm_links SET pushed_pipeline_id = $2, pushed_status_id = $3, pushed_at = now() WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(pipeline_id)
+    .bind(status_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Serialises contact de-duplication for one phone/email until the caller's
+/// transaction ends: two orders of one new customer make one contact.
+pub async fn lock_contact_key(
+    conn: &mut PgConnection,
+    crm_account: &str,
+    key: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("contact:{crm_account}:{key}"))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A known contact with this phone or email.
+pub async fn find_contact(
+    conn: &mut PgConnection,
+    crm_account: &str,
+    phone: Option<&str>,
+    email: Option<&str>,
+) -> Result<Option<i64>, StoreError> {
+    let id = sqlx::query_scalar(
+        "SELECT contact_id FROM crm_contacts
+         WHERE crm_account = $1 AND (($2::text IS NOT NULL AND phone = $2) OR ($3::text IS NOT NULL AND email = $3))
+         ORDER BY contact_id LIMIT 1",
+    )
+    .bind(crm_account)
+    .bind(phone)
+    .bind(email)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+/// Remembers a CRM contact's phone and email.
+pub async fn remember_contact(
+    conn: &mut PgConnection,
+    crm_account: &str,
+    contact_id: i64,
+    phone: Option<&str>,
+    email: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO crm_contacts (crm_account, contact_id, phone, email) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (crm_account, contact_id) DO UPDATE
+         SET phone = COALESCE(EXCLUDED.phone, crm_contacts.phone), email = COALESCE(EXCLUDED.email, crm_contacts.email)",
+    )
+    .bind(crm_account)
+    .bind(contact_id)
+    .bind(phone)
+    .bind(email)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The order id of a stored order.
+pub async fn order_id(
+    pool: &PgPool,
+    marketplace: &str,
+    account: &str,
+    external_id: &str,
+) -> Result<Option<i64>, StoreError> {
+    let id = sqlx::query_scalar(
+        "SELECT id FROM orders WHERE marketplace = $1 AND account = $2 AND external_id = $3",
+    )
+    .bind(marketplace)
+    .bind(account)
+    .bind(external_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(id)
+}
