@@ -90,6 +90,13 @@ pub async fn run_until(
         },
         shutdown.clone(),
     ));
+    let started = start_pollers(&settings, &pool, &limiters, &shutdown)?;
+    let mut pollers = started.tasks;
+    pollers.push(tokio::spawn(process_inbox_forever(
+        pool.clone(),
+        maps.clone(),
+        shutdown.clone(),
+    )));
     let engine = Engine::builder(pool.clone(), EngineConfig::from_settings(&settings.outbox))
         .limiters(limiters.clone())
         .handler(
@@ -105,9 +112,16 @@ pub async fn run_until(
                     .collect(),
             },
         )
+        .handler(
+            crate::sync::to_marketplace::MARKETPLACE_ACTION_KIND,
+            crate::sync::to_marketplace::MarketplaceActionHandler {
+                kaspi: started.kaspi,
+                avito: started.avito,
+                crm: crm_clients.clone(),
+            },
+        )
         .build();
     tracing::info!(clients = crm_clients.len(), "amoCRM clients ready.");
-    let pollers = start_pollers(&settings, &pool, &limiters, &shutdown)?;
     tracing::info!(
         replica = engine.owner(),
         crm_accounts = settings.crm_accounts.len(),
@@ -150,13 +164,36 @@ pub fn limiters(settings: &Settings) -> Arc<Limiters> {
 }
 
 /// One poller task per Kaspi shop, each polling at its shop's interval until shutdown.
+/// What `start_pollers` started, and the marketplace clients it made.
+pub struct Started {
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub kaspi: BTreeMap<String, KaspiClient>,
+    pub avito: BTreeMap<String, AvitoClient>,
+}
+
+/// Processes stored amoCRM lead changes every second until shutdown.
+async fn process_inbox_forever(
+    pool: sqlx::PgPool,
+    maps: Arc<crate::mapping::MapRegistry>,
+    shutdown: CancellationToken,
+) {
+    crate::sync::every(std::time::Duration::from_secs(1), shutdown, || async {
+        if let Err(error) = crate::sync::to_marketplace::process_amocrm_inbox(&pool, &maps).await {
+            tracing::warn!(%error, "Processing amoCRM changes failed; they stay in the inbox.");
+        }
+    })
+    .await
+}
+
 pub fn start_pollers(
     settings: &Settings,
     pool: &sqlx::PgPool,
     limiters: &Limiters,
     shutdown: &CancellationToken,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
+) -> Result<Started, DaemonError> {
     let mut tasks = Vec::new();
+    let mut kaspi = BTreeMap::new();
+    let mut avito = BTreeMap::new();
     for (name, shop) in &settings.shops {
         match shop.marketplace {
             MarketplaceKind::Kaspi => {
@@ -175,6 +212,7 @@ pub fn start_pollers(
                     limiters.limiter(&format!("kaspi:{name}")),
                 )
                 .map_err(|e| DaemonError::Config(format!("shops.{name}: {e}")))?;
+                kaspi.insert(name.clone(), client.clone());
                 let poller =
                     KaspiPoller::new(client, pool.clone(), format!("amocrm:{}", shop.crm_account));
                 tracing::info!(shop = %name, every_s = shop.poll_interval.as_secs(), "Kaspi poller started.");
@@ -202,6 +240,7 @@ pub fn start_pollers(
                 )
                 .map_err(|e| DaemonError::Config(format!("shops.{name}: {e}")))?;
                 let crm_target = format!("amocrm:{}", shop.crm_account);
+                avito.insert(name.clone(), client.clone());
                 let poller = AvitoPoller::new(client.clone(), pool.clone(), crm_target.clone());
                 tracing::info!(shop = %name, every_s = shop.poll_interval.as_secs(), "Avito poller started.");
                 tasks.push(tokio::spawn(
@@ -217,7 +256,11 @@ pub fn start_pollers(
             }
         }
     }
-    Ok(tasks)
+    Ok(Started {
+        tasks,
+        kaspi,
+        avito,
+    })
 }
 
 /// Avito messenger leads: the polling fallback over unread chats and the inbox

@@ -205,3 +205,221 @@ async fn kaspi_orders_become_leads_with_one_contact_per_customer_and_follow_thei
     engine.stop().await;
     db.drop_now().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
+    use orderbridge::http::hooks::HookAccount;
+    use orderbridge::sync::to_marketplace::{
+        process_amocrm_inbox, MarketplaceActionHandler, MARKETPLACE_ACTION_KIND,
+    };
+    let db = fresh_db().await;
+    let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
+    let amo = AmoSim::start(AmoSimConfig {
+        long_lived_token: Some(TOKEN.into()),
+        ..AmoSimConfig::default()
+    })
+    .await
+    .unwrap();
+    seed_crm(&amo);
+    let manager = amo.seed_user("Менеджер смены");
+    let limiters = orderbridge::outbox::limits::Limiters::new([]).with_per_request(
+        "amocrm:main",
+        orderbridge::config::RateQuota {
+            requests: 7,
+            per: Duration::from_secs(1),
+            burst: 1,
+        },
+    );
+    let client = AmoClient::new(
+        AmoAccount {
+            name: "main".into(),
+            base_url: reqwest::Url::parse(&amo.base_url()).unwrap(),
+            auth: AmoAuth::LongLived(SecretString::from(TOKEN)),
+            timeout: Duration::from_secs(5),
+            circuit_cooldown: Duration::from_secs(60),
+        },
+        db.pool.clone(),
+        limiters.limiter("amocrm:main"),
+    )
+    .unwrap();
+    let clients = BTreeMap::from([("main".to_string(), client.clone())]);
+    let maps = Arc::new(
+        MapRegistry::load(
+            vec![MapSource {
+                shop: "kaspi_main".into(),
+                marketplace: MarketplaceKind::Kaspi,
+                crm_account: "main".into(),
+                path: "config/maps/kaspi.toml".into(),
+            }],
+            &clients,
+        )
+        .await
+        .unwrap(),
+    );
+    let kaspi_client = KaspiClient::new(
+        KaspiShop {
+            name: "kaspi_main".into(),
+            base_url: kaspi.base_url(),
+            token: SecretString::from("kaspi-test-token"),
+            merchant_uid: None,
+            timeout: Duration::from_secs(5),
+        },
+        None,
+    )
+    .unwrap();
+    // Webhooks from the CRM into the bridge's inbox.
+    let secret = "pipeline-hook-secret-0123456789";
+    let listener = orderbridge::http::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(orderbridge::http::serve(
+        listener,
+        orderbridge::http::AppState {
+            pool: db.pool.clone(),
+            metrics: orderbridge::telemetry::metrics().unwrap(),
+            amocrm_hooks: Arc::new(vec![HookAccount {
+                name: "main".into(),
+                secret: SecretString::from(secret),
+                subdomain: "example".into(),
+                account_id: 31361463,
+            }]),
+            avito_hooks: Default::default(),
+            webhook_body_limit: 1 << 20,
+            maps: Some(maps.clone()),
+        },
+        shutdown.clone(),
+    ));
+    client
+        .ensure_webhook(
+            &format!("http://{addr}/hooks/amocrm/{secret}"),
+            &["status_lead"],
+        )
+        .await
+        .unwrap();
+    let engine = start(
+        Engine::builder(db.pool.clone(), test_config())
+            .handler(
+                orderbridge::sync::ingest::CRM_SYNC_KIND,
+                CrmSyncHandler {
+                    pool: db.pool.clone(),
+                    clients: clients.clone(),
+                    maps: maps.clone(),
+                    shop_crm: BTreeMap::from([("kaspi_main".to_string(), "main".to_string())]),
+                },
+            )
+            .handler(
+                MARKETPLACE_ACTION_KIND,
+                MarketplaceActionHandler {
+                    kaspi: BTreeMap::from([("kaspi_main".to_string(), kaspi_client.clone())]),
+                    avito: BTreeMap::new(),
+                    crm: clients.clone(),
+                },
+            ),
+    );
+    let poller = KaspiPoller::new(kaspi_client, db.pool.clone(), "amocrm:main");
+    let order = kaspi.create_order(SimOrderSpec::new(
+        "620001",
+        chrono::Utc::now().timestamp_millis() - 60_000,
+    ));
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    let drained = || async { count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0 };
+    wait_for("the lead exists", Duration::from_secs(30), drained).await;
+    let lead = amo.leads().into_iter().next().unwrap();
+    // The bridge's own create comes back as a webhook: an echo, no action.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    process_amocrm_inbox(&db.pool, &maps).await.unwrap();
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await,
+        0,
+        "no action from an echo"
+    );
+
+    // A manager moves the lead into «В работе / Сборка»: Kaspi accepts.
+    let routing = maps.current().shops["kaspi_main"].clone();
+    let working = routing
+        .action_for_stage(None, "В работе / Сборка")
+        .unwrap()
+        .stage_id
+        .unwrap();
+    amo.manager_moves_lead(lead.id, lead.pipeline_id, working, manager);
+    wait_for(
+        "the manager's move is stored",
+        Duration::from_secs(10),
+        || async {
+            count(
+                &db.pool,
+                "SELECT count(*) FROM inbox WHERE processed_at IS NULL",
+            )
+            .await
+                >= 1
+        },
+    )
+    .await;
+    assert_eq!(process_amocrm_inbox(&db.pool, &maps).await.unwrap(), 1);
+    wait_for("Kaspi accepted", Duration::from_secs(30), || async {
+        kaspi.order(&order.id).unwrap().status == "ACCEPTED_BY_MERCHANT"
+    })
+    .await;
+    // The next poll sees ACCEPTED: the lead is already there, so no CRM write, no loop.
+    let patches_before = amo
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .count();
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for("the sync is done", Duration::from_secs(30), drained).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    process_amocrm_inbox(&db.pool, &maps).await.unwrap();
+    assert_eq!(
+        amo.requests()
+            .iter()
+            .filter(|r| r.method == "PATCH")
+            .count(),
+        patches_before,
+        "no echo loop"
+    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_jobs").await, 0);
+    let accepts = kaspi
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(accepts, 1, "one accept at Kaspi");
+
+    // A move Kaspi does not allow now (assemble on an order not delivered by Kaspi
+    // would be refused): completing twice is refused by Kaspi's table; here: cancel
+    // after Kaspi completed it.
+    kaspi.kaspi_completes(&order.id);
+    let closed = routing
+        .action_for_stage(None, "Закрыто и не реализовано")
+        .unwrap()
+        .stage_id
+        .unwrap();
+    amo.manager_moves_lead(lead.id, lead.pipeline_id, closed, manager);
+    wait_for("the move is stored", Duration::from_secs(10), || async {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM inbox WHERE processed_at IS NULL",
+        )
+        .await
+            >= 1
+    })
+    .await;
+    process_amocrm_inbox(&db.pool, &maps).await.unwrap();
+    wait_for("the refusal is noted", Duration::from_secs(30), || async {
+        amo.notes()
+            .iter()
+            .any(|n| n.entity_id == lead.id && n.text.contains("was not applied"))
+    })
+    .await;
+    assert_eq!(
+        kaspi.order(&order.id).unwrap().status,
+        "COMPLETED",
+        "nothing was sent"
+    );
+    engine.stop().await;
+    shutdown.cancel();
+    db.drop_now().await.unwrap();
+}

@@ -77,6 +77,24 @@ pub async fn lock_contact_key(
     Ok(())
 }
 
+/// Like [`set_pushed`], inside the caller's transaction.
+pub async fn set_pushed_in(
+    conn: &mut PgConnection,
+    order_id: i64,
+    pipeline_id: i64,
+    status_id: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE crm_links SET pushed_pipeline_id = $2, pushed_status_id = $3, pushed_at = now() WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(pipeline_id)
+    .bind(status_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// A known contact with this phone or email.
 pub async fn find_contact(
     conn: &mut PgConnection,
@@ -135,4 +153,51 @@ pub async fn order_id(
     .fetch_optional(pool)
     .await?;
     Ok(id)
+}
+
+/// The order behind a lead.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct LeadOrderRow {
+    marketplace: String,
+    account: String,
+    external_id: String,
+    order_id: i64,
+    crm_account: String,
+    lead_id: i64,
+    contact_id: Option<i64>,
+    pushed_pipeline_id: Option<i64>,
+    pushed_status_id: Option<i64>,
+}
+
+/// The order behind a lead: (marketplace, shop, external id, link).
+pub async fn by_lead(
+    pool: &PgPool,
+    crm_account: &str,
+    lead_id: i64,
+) -> Result<Option<(String, String, String, Link)>, StoreError> {
+    let row: Option<LeadOrderRow> = sqlx::query_as(
+        "SELECT o.marketplace, o.account, o.external_id, l.order_id, l.crm_account, l.lead_id, l.contact_id,
+                l.pushed_pipeline_id, l.pushed_status_id
+         FROM crm_links l JOIN orders o ON o.id = l.order_id
+         WHERE l.crm_account = $1 AND l.lead_id = $2",
+    )
+    .bind(crm_account)
+    .bind(lead_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| {
+        (
+            r.marketplace,
+            r.account,
+            r.external_id,
+            Link {
+                order_id: r.order_id,
+                crm_account: r.crm_account,
+                lead_id: r.lead_id,
+                contact_id: r.contact_id,
+                pushed_pipeline_id: r.pushed_pipeline_id,
+                pushed_status_id: r.pushed_status_id,
+            },
+        )
+    }))
 }

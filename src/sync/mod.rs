@@ -8,6 +8,7 @@ pub mod avito_poll;
 pub mod ingest;
 pub mod kaspi_poll;
 pub mod to_crm;
+pub mod to_marketplace;
 
 use std::future::Future;
 use std::time::Duration;
