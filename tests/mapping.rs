@@ -17,55 +17,6 @@ use secrecy::SecretString;
 
 const TOKEN: &str = "long-lived-mapping-token";
 
-/// Seeds the simulator with what a map names: its pipeline and stages, the
-/// users of its roles, its lead fields and their options. `rename` swaps a
-/// stage name, as an admin renaming a stage in amoCRM would.
-fn seed_from_map(sim: &AmoSim, path: &Path, rename: Option<(&str, &str)>) {
-    let table: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
-    let mut stages: Vec<String> = Vec::new();
-    for row in table["statuses"].as_table().unwrap().values() {
-        if let Some(stage) = row.get("stage").and_then(|s| s.as_str()) {
-            if !stages.iter().any(|s| s == stage) {
-                stages.push(stage.to_string());
-            }
-        }
-    }
-    let stages: Vec<String> = stages
-        .into_iter()
-        .map(|s| match rename {
-            Some((from, to)) if s == from => to.to_string(),
-            _ => s,
-        })
-        .collect();
-    let refs: Vec<&str> = stages.iter().map(String::as_str).collect();
-    sim.seed_pipeline(table["pipeline"]["name"].as_str().unwrap(), &refs);
-    for role in table["roles"].as_table().unwrap().values() {
-        for user in role["users"].as_array().unwrap() {
-            sim.seed_user(user.as_str().unwrap());
-        }
-    }
-    let lead = table["lead"].as_table().unwrap();
-    let enums = lead
-        .get("enums")
-        .and_then(|e| e.as_table())
-        .cloned()
-        .unwrap_or_default();
-    for (slot, field) in lead["fields"].as_table().unwrap() {
-        let options: Vec<String> = enums
-            .get(slot)
-            .and_then(|o| o.as_table())
-            .map(|o| {
-                o.values()
-                    .map(|v| v.as_str().unwrap().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let refs: Vec<&str> = options.iter().map(String::as_str).collect();
-        let kind = if options.is_empty() { "text" } else { "select" };
-        sim.seed_lead_field(field.as_str().unwrap(), kind, &refs);
-    }
-}
-
 fn crm(sim: &AmoSim, pool: &sqlx::PgPool) -> BTreeMap<String, AmoClient> {
     let client = AmoClient::new(
         AmoAccount {
@@ -113,8 +64,8 @@ fn copy_of(name: &str) -> PathBuf {
 async fn the_shipped_maps_validate_online_and_resolve_every_name() {
     let db = fresh_db().await;
     let sim = sim().await;
-    seed_from_map(&sim, Path::new("config/maps/kaspi.toml"), None);
-    seed_from_map(&sim, Path::new("config/maps/avito.toml"), None);
+    seed_crm_from_map(&sim, Path::new("config/maps/kaspi.toml"), None);
+    seed_crm_from_map(&sim, Path::new("config/maps/avito.toml"), None);
     let registry = MapRegistry::load(
         vec![
             source(
@@ -158,7 +109,7 @@ async fn the_shipped_maps_validate_online_and_resolve_every_name() {
 async fn a_stage_renamed_in_the_crm_is_reported_with_file_line_key_and_the_real_stages() {
     let db = fresh_db().await;
     let sim = sim().await;
-    seed_from_map(
+    seed_crm_from_map(
         &sim,
         Path::new("config/maps/kaspi.toml"),
         Some(("Готов к отгрузке", "Готово к выдаче")),
@@ -200,7 +151,7 @@ async fn a_stage_renamed_in_the_crm_is_reported_with_file_line_key_and_the_real_
 async fn a_broken_reload_keeps_the_old_map_and_a_good_one_reroutes_the_next_job() {
     let db = fresh_db().await;
     let sim = sim().await;
-    seed_from_map(&sim, Path::new("config/maps/kaspi.toml"), None);
+    seed_crm_from_map(&sim, Path::new("config/maps/kaspi.toml"), None);
     let path = copy_of("kaspi.toml");
     let crm = crm(&sim, &db.pool);
     let registry = Arc::new(
@@ -330,7 +281,7 @@ async fn readyz_shows_a_refused_reload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_online_names_what_the_crm_lacks() {
     let sim = sim().await;
-    seed_from_map(
+    seed_crm_from_map(
         &sim,
         Path::new("config/maps/kaspi.toml"),
         Some(("В доставке", "Доставка")),

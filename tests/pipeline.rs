@@ -22,49 +22,19 @@ use secrecy::SecretString;
 
 const TOKEN: &str = "long-lived-pipeline-token";
 
-fn seed_crm(sim: &AmoSim) {
-    let table: toml::Table = std::fs::read_to_string("config/maps/kaspi.toml")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut stages: Vec<String> = Vec::new();
-    for row in table["statuses"].as_table().unwrap().values() {
-        if let Some(stage) = row.get("stage").and_then(|s| s.as_str()) {
-            if !stages.iter().any(|s| s == stage) {
-                stages.push(stage.to_string());
-            }
-        }
-    }
-    let refs: Vec<&str> = stages.iter().map(String::as_str).collect();
-    sim.seed_pipeline(table["pipeline"]["name"].as_str().unwrap(), &refs);
-    for role in table["roles"].as_table().unwrap().values() {
-        for user in role["users"].as_array().unwrap() {
-            sim.seed_user(user.as_str().unwrap());
-        }
-    }
-    let lead = table["lead"].as_table().unwrap();
-    let enums = lead["enums"].as_table().unwrap();
-    for (slot, field) in lead["fields"].as_table().unwrap() {
-        let options: Vec<String> = enums
-            .get(slot)
-            .and_then(|o| o.as_table())
-            .map(|o| {
-                o.values()
-                    .map(|v| v.as_str().unwrap().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let refs: Vec<&str> = options.iter().map(String::as_str).collect();
-        sim.seed_lead_field(
-            field.as_str().unwrap(),
-            if refs.is_empty() { "text" } else { "select" },
-            &refs,
-        );
-    }
+/// The parts every pipeline test needs: both simulators (amoCRM seeded from the
+/// shipped Kaspi map), the CRM client behind amoCRM's 7 req/s, the maps
+/// resolved online, and the Kaspi client.
+struct Bridge {
+    db: orderbridge::store::ScratchDatabase,
+    kaspi: KaspiSim,
+    amo: AmoSim,
+    clients: BTreeMap<String, AmoClient>,
+    maps: Arc<MapRegistry>,
+    kaspi_client: KaspiClient,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kaspi_orders_become_leads_with_one_contact_per_customer_and_follow_their_status() {
+async fn bridge() -> Bridge {
     let db = fresh_db().await;
     let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
     let amo = AmoSim::start(AmoSimConfig {
@@ -73,7 +43,7 @@ async fn kaspi_orders_become_leads_with_one_contact_per_customer_and_follow_thei
     })
     .await
     .unwrap();
-    seed_crm(&amo);
+    seed_crm_from_map(&amo, std::path::Path::new("config/maps/kaspi.toml"), None);
     let client = AmoClient::new(
         AmoAccount {
             name: "main".into(),
@@ -110,30 +80,45 @@ async fn kaspi_orders_become_leads_with_one_contact_per_customer_and_follow_thei
         .await
         .unwrap(),
     );
-    let engine = start(Engine::builder(db.pool.clone(), test_config()).handler(
-        orderbridge::sync::ingest::CRM_SYNC_KIND,
-        CrmSyncHandler {
-            pool: db.pool.clone(),
-            clients: clients.clone(),
-            maps: maps.clone(),
-            shop_crm: BTreeMap::from([("kaspi_main".to_string(), "main".to_string())]),
+    let kaspi_client = KaspiClient::new(
+        KaspiShop {
+            name: "kaspi_main".into(),
+            base_url: kaspi.base_url(),
+            token: SecretString::from("kaspi-test-token"),
+            merchant_uid: None,
+            timeout: Duration::from_secs(5),
         },
-    ));
-    let poller = KaspiPoller::new(
-        KaspiClient::new(
-            KaspiShop {
-                name: "kaspi_main".into(),
-                base_url: kaspi.base_url(),
-                token: SecretString::from("kaspi-test-token"),
-                merchant_uid: None,
-                timeout: Duration::from_secs(5),
-            },
-            None,
-        )
-        .unwrap(),
-        db.pool.clone(),
-        "amocrm:main",
+        None,
+    )
+    .unwrap();
+    Bridge {
+        db,
+        kaspi,
+        amo,
+        clients,
+        maps,
+        kaspi_client,
+    }
+}
+
+fn crm_sync(b: &Bridge) -> CrmSyncHandler {
+    CrmSyncHandler {
+        pool: b.db.pool.clone(),
+        clients: b.clients.clone(),
+        maps: b.maps.clone(),
+        shop_crm: BTreeMap::from([("kaspi_main".to_string(), "main".to_string())]),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kaspi_orders_become_leads_with_one_contact_per_customer_and_follow_their_status() {
+    let b = bridge().await;
+    let (db, kaspi, amo, maps) = (&b.db, &b.kaspi, &b.amo, &b.maps);
+    let engine = start(
+        Engine::builder(db.pool.clone(), test_config())
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
     );
+    let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
     let now = chrono::Utc::now().timestamp_millis();
     let first = kaspi.create_order(SimOrderSpec::new("610001", now - 60_000));
     // The same customer again (the phone in another spelling) and a new one.
@@ -203,6 +188,7 @@ async fn kaspi_orders_become_leads_with_one_contact_per_customer_and_follow_thei
         0
     );
     engine.stop().await;
+    let Bridge { db, .. } = b;
     db.drop_now().await.unwrap();
 }
 
@@ -212,61 +198,11 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
     use orderbridge::sync::to_marketplace::{
         process_amocrm_inbox, MarketplaceActionHandler, MARKETPLACE_ACTION_KIND,
     };
-    let db = fresh_db().await;
-    let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
-    let amo = AmoSim::start(AmoSimConfig {
-        long_lived_token: Some(TOKEN.into()),
-        ..AmoSimConfig::default()
-    })
-    .await
-    .unwrap();
-    seed_crm(&amo);
+    let b = bridge().await;
+    let (db, kaspi, amo, maps, clients) = (&b.db, &b.kaspi, &b.amo, &b.maps, &b.clients);
+    let client = clients["main"].clone();
     let manager = amo.seed_user("Менеджер смены");
-    let limiters = orderbridge::outbox::limits::Limiters::new([]).with_per_request(
-        "amocrm:main",
-        orderbridge::config::RateQuota {
-            requests: 7,
-            per: Duration::from_secs(1),
-            burst: 1,
-        },
-    );
-    let client = AmoClient::new(
-        AmoAccount {
-            name: "main".into(),
-            base_url: reqwest::Url::parse(&amo.base_url()).unwrap(),
-            auth: AmoAuth::LongLived(SecretString::from(TOKEN)),
-            timeout: Duration::from_secs(5),
-            circuit_cooldown: Duration::from_secs(60),
-        },
-        db.pool.clone(),
-        limiters.limiter("amocrm:main"),
-    )
-    .unwrap();
-    let clients = BTreeMap::from([("main".to_string(), client.clone())]);
-    let maps = Arc::new(
-        MapRegistry::load(
-            vec![MapSource {
-                shop: "kaspi_main".into(),
-                marketplace: MarketplaceKind::Kaspi,
-                crm_account: "main".into(),
-                path: "config/maps/kaspi.toml".into(),
-            }],
-            &clients,
-        )
-        .await
-        .unwrap(),
-    );
-    let kaspi_client = KaspiClient::new(
-        KaspiShop {
-            name: "kaspi_main".into(),
-            base_url: kaspi.base_url(),
-            token: SecretString::from("kaspi-test-token"),
-            merchant_uid: None,
-            timeout: Duration::from_secs(5),
-        },
-        None,
-    )
-    .unwrap();
+    let kaspi_client = b.kaspi_client.clone();
     // Webhooks from the CRM into the bridge's inbox.
     let secret = "pipeline-hook-secret-0123456789";
     let listener = orderbridge::http::bind("127.0.0.1:0".parse().unwrap())
@@ -300,15 +236,7 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
         .unwrap();
     let engine = start(
         Engine::builder(db.pool.clone(), test_config())
-            .handler(
-                orderbridge::sync::ingest::CRM_SYNC_KIND,
-                CrmSyncHandler {
-                    pool: db.pool.clone(),
-                    clients: clients.clone(),
-                    maps: maps.clone(),
-                    shop_crm: BTreeMap::from([("kaspi_main".to_string(), "main".to_string())]),
-                },
-            )
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
             .handler(
                 MARKETPLACE_ACTION_KIND,
                 MarketplaceActionHandler {
@@ -329,7 +257,7 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
     let lead = amo.leads().into_iter().next().unwrap();
     // The bridge's own create comes back as a webhook: an echo, no action.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    process_amocrm_inbox(&db.pool, &maps).await.unwrap();
+    process_amocrm_inbox(&db.pool, maps).await.unwrap();
     assert_eq!(
         count(&db.pool, "SELECT count(*) FROM outbox_jobs").await,
         0,
@@ -357,7 +285,7 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
         },
     )
     .await;
-    assert_eq!(process_amocrm_inbox(&db.pool, &maps).await.unwrap(), 1);
+    assert_eq!(process_amocrm_inbox(&db.pool, maps).await.unwrap(), 1);
     wait_for("Kaspi accepted", Duration::from_secs(30), || async {
         kaspi.order(&order.id).unwrap().status == "ACCEPTED_BY_MERCHANT"
     })
@@ -371,7 +299,7 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
     poller.poll_once(chrono::Utc::now()).await.unwrap();
     wait_for("the sync is done", Duration::from_secs(30), drained).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    process_amocrm_inbox(&db.pool, &maps).await.unwrap();
+    process_amocrm_inbox(&db.pool, maps).await.unwrap();
     assert_eq!(
         amo.requests()
             .iter()
@@ -407,7 +335,7 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
             >= 1
     })
     .await;
-    process_amocrm_inbox(&db.pool, &maps).await.unwrap();
+    process_amocrm_inbox(&db.pool, maps).await.unwrap();
     wait_for("the refusal is noted", Duration::from_secs(30), || async {
         amo.notes()
             .iter()
@@ -421,5 +349,6 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
     );
     engine.stop().await;
     shutdown.cancel();
+    let Bridge { db, .. } = b;
     db.drop_now().await.unwrap();
 }

@@ -52,15 +52,8 @@ pub async fn set_pushed(
     pipeline_id: i64,
     status_id: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE crm_links SET pushed_pipeline_id = $2, pushed_status_id = $3, pushed_at = now() WHERE order_id = $1",
-    )
-    .bind(order_id)
-    .bind(pipeline_id)
-    .bind(status_id)
-    .execute(pool)
-    .await?;
-    Ok(())
+    let mut conn = pool.acquire().await?;
+    set_pushed_in(&mut conn, order_id, pipeline_id, status_id).await
 }
 
 /// Serialises contact de-duplication for one phone/email until the caller's

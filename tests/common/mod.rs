@@ -190,3 +190,56 @@ where
         }
     }
 }
+
+/// Seeds the simulator with what a map names: its pipeline and stages, the
+/// users of its roles, its lead fields and their options. `rename` swaps a
+/// stage name, as an admin renaming a stage in amoCRM would.
+pub fn seed_crm_from_map(
+    sim: &orderbridge::sim::amocrm::AmoSim,
+    path: &std::path::Path,
+    rename: Option<(&str, &str)>,
+) {
+    let table: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
+    let mut stages: Vec<String> = Vec::new();
+    for row in table["statuses"].as_table().unwrap().values() {
+        if let Some(stage) = row.get("stage").and_then(|s| s.as_str()) {
+            if !stages.iter().any(|s| s == stage) {
+                stages.push(stage.to_string());
+            }
+        }
+    }
+    let stages: Vec<String> = stages
+        .into_iter()
+        .map(|s| match rename {
+            Some((from, to)) if s == from => to.to_string(),
+            _ => s,
+        })
+        .collect();
+    let refs: Vec<&str> = stages.iter().map(String::as_str).collect();
+    sim.seed_pipeline(table["pipeline"]["name"].as_str().unwrap(), &refs);
+    for role in table["roles"].as_table().unwrap().values() {
+        for user in role["users"].as_array().unwrap() {
+            sim.seed_user(user.as_str().unwrap());
+        }
+    }
+    let lead = table["lead"].as_table().unwrap();
+    let enums = lead
+        .get("enums")
+        .and_then(|e| e.as_table())
+        .cloned()
+        .unwrap_or_default();
+    for (slot, field) in lead["fields"].as_table().unwrap() {
+        let options: Vec<String> = enums
+            .get(slot)
+            .and_then(|o| o.as_table())
+            .map(|o| {
+                o.values()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let refs: Vec<&str> = options.iter().map(String::as_str).collect();
+        let kind = if options.is_empty() { "text" } else { "select" };
+        sim.seed_lead_field(field.as_str().unwrap(), kind, &refs);
+    }
+}
