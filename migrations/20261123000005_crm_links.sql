@@ -10,6 +10,8 @@ CREATE TABLE crm_links (
     pushed_pipeline_id BIGINT,
     pushed_status_id   BIGINT,
     pushed_at          TIMESTAMPTZ,
+    -- The last stage came from a manager's move (not from the bridge).
+    manager_moved      BOOLEAN     NOT NULL DEFAULT false,
     created_at         TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE UNIQUE INDEX crm_links_lead_idx ON crm_links (crm_account, lead_id);

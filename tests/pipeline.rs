@@ -352,3 +352,108 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
     let Bridge { db, .. } = b;
     db.drop_now().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_webhooks_are_caught_by_the_events_poll_and_a_final_status_wins_with_a_note() {
+    use orderbridge::sync::to_marketplace::{
+        poll_amocrm_events, process_amocrm_inbox, MarketplaceActionHandler, MARKETPLACE_ACTION_KIND,
+    };
+    let b = bridge().await;
+    let (db, kaspi, amo, maps, clients) = (&b.db, &b.kaspi, &b.amo, &b.maps, &b.clients);
+    let manager = amo.seed_user("Менеджер смены");
+    let engine = start(
+        Engine::builder(db.pool.clone(), test_config())
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            .handler(
+                MARKETPLACE_ACTION_KIND,
+                MarketplaceActionHandler {
+                    kaspi: BTreeMap::from([("kaspi_main".to_string(), b.kaspi_client.clone())]),
+                    avito: BTreeMap::new(),
+                    crm: clients.clone(),
+                },
+            ),
+    );
+    let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
+    let order = kaspi.create_order(SimOrderSpec::new(
+        "630001",
+        chrono::Utc::now().timestamp_millis() - 60_000,
+    ));
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    let drained = || async { count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0 };
+    wait_for("the lead exists", Duration::from_secs(30), drained).await;
+    let lead = amo.leads().into_iter().next().unwrap();
+    let routing = maps.current().shops["kaspi_main"].clone();
+    let stage = |name: &str| {
+        routing
+            .action_for_stage(None, name)
+            .unwrap()
+            .stage_id
+            .unwrap()
+    };
+
+    // No webhook is subscribed: the manager's move reaches the bridge through the events poll.
+    amo.manager_moves_lead(
+        lead.id,
+        lead.pipeline_id,
+        stage("В работе / Сборка"),
+        manager,
+    );
+    assert!(
+        poll_amocrm_events(&clients["main"], &db.pool)
+            .await
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(
+        poll_amocrm_events(&clients["main"], &db.pool)
+            .await
+            .unwrap(),
+        0,
+        "deduplicated"
+    );
+    assert_eq!(process_amocrm_inbox(&db.pool, maps).await.unwrap(), 1);
+    wait_for("Kaspi accepted", Duration::from_secs(30), || async {
+        kaspi.order(&order.id).unwrap().status == "ACCEPTED_BY_MERCHANT"
+    })
+    .await;
+
+    // The manager closes the lead as lost, but the buyer's order completes at Kaspi:
+    // the lead goes to the completed stage with a note saying why.
+    amo.manager_moves_lead(
+        lead.id,
+        lead.pipeline_id,
+        stage("Закрыто и не реализовано"),
+        manager,
+    );
+    poll_amocrm_events(&clients["main"], &db.pool)
+        .await
+        .unwrap();
+    kaspi.kaspi_completes(&order.id);
+    process_amocrm_inbox(&db.pool, maps).await.unwrap();
+    wait_for(
+        "the refused cancel is handled",
+        Duration::from_secs(30),
+        drained,
+    )
+    .await;
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for("the lead follows Kaspi", Duration::from_secs(30), drained).await;
+    let done = match routing.route("completed") {
+        Some(Route::Stage {
+            stage_id: Some(id), ..
+        }) => *id,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(amo.lead(lead.id).unwrap().status_id, done);
+    assert!(
+        amo.notes()
+            .iter()
+            .any(|n| n.entity_id == lead.id
+                && n.text.contains("moved back to «Успешно реализовано»")),
+        "{:?}",
+        amo.notes()
+    );
+    engine.stop().await;
+    let Bridge { db, .. } = b;
+    db.drop_now().await.unwrap();
+}

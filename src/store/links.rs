@@ -13,11 +13,13 @@ pub struct Link {
     pub contact_id: Option<i64>,
     pub pushed_pipeline_id: Option<i64>,
     pub pushed_status_id: Option<i64>,
+    /// The lead's last known stage was set by a manager, not by the bridge.
+    pub manager_moved: bool,
 }
 
 pub async fn get(pool: &PgPool, order_id: i64) -> Result<Option<Link>, StoreError> {
     let row = sqlx::query_as(
-        "SELECT order_id, crm_account, lead_id, contact_id, pushed_pipeline_id, pushed_status_id
+        "SELECT order_id, crm_account, lead_id, contact_id, pushed_pipeline_id, pushed_status_id, manager_moved
          FROM crm_links WHERE order_id = $1",
     )
     .bind(order_id)
@@ -53,7 +55,7 @@ pub async fn set_pushed(
     status_id: i64,
 ) -> Result<(), StoreError> {
     let mut conn = pool.acquire().await?;
-    set_pushed_in(&mut conn, order_id, pipeline_id, status_id).await
+    set_pushed_in(&mut conn, order_id, pipeline_id, status_id, false).await
 }
 
 /// Serialises contact de-duplication for one phone/email until the caller's
@@ -70,19 +72,23 @@ pub async fn lock_contact_key(
     Ok(())
 }
 
-/// Like [`set_pushed`], inside the caller's transaction.
+/// Records the lead's stage inside the caller's transaction: set by the bridge,
+/// or (`by_manager`) where a manager moved it.
 pub async fn set_pushed_in(
     conn: &mut PgConnection,
     order_id: i64,
     pipeline_id: i64,
     status_id: i64,
+    by_manager: bool,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE crm_links SET pushed_pipeline_id = $2, pushed_status_id = $3, pushed_at = now() WHERE order_id = $1",
+        "UPDATE crm_links SET pushed_pipeline_id = $2, pushed_status_id = $3, manager_moved = $4, pushed_at = now()
+         WHERE order_id = $1",
     )
     .bind(order_id)
     .bind(pipeline_id)
     .bind(status_id)
+    .bind(by_manager)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -160,6 +166,7 @@ struct LeadOrderRow {
     contact_id: Option<i64>,
     pushed_pipeline_id: Option<i64>,
     pushed_status_id: Option<i64>,
+    manager_moved: bool,
 }
 
 /// The order behind a lead: (marketplace, shop, external id, link).
@@ -170,7 +177,7 @@ pub async fn by_lead(
 ) -> Result<Option<(String, String, String, Link)>, StoreError> {
     let row: Option<LeadOrderRow> = sqlx::query_as(
         "SELECT o.marketplace, o.account, o.external_id, l.order_id, l.crm_account, l.lead_id, l.contact_id,
-                l.pushed_pipeline_id, l.pushed_status_id
+                l.pushed_pipeline_id, l.pushed_status_id, l.manager_moved
          FROM crm_links l JOIN orders o ON o.id = l.order_id
          WHERE l.crm_account = $1 AND l.lead_id = $2",
     )
@@ -190,6 +197,7 @@ pub async fn by_lead(
                 contact_id: r.contact_id,
                 pushed_pipeline_id: r.pushed_pipeline_id,
                 pushed_status_id: r.pushed_status_id,
+                manager_moved: r.manager_moved,
             },
         )
     }))

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use crate::connectors::amocrm::{
-    AmoClient, AmoError, FieldInput, FieldValue, LeadUpdate, NewContact, NewLead,
+    AmoClient, AmoError, FieldInput, FieldValue, LeadUpdate, NewContact, NewLead, NewNote,
 };
 use crate::domain::Order;
 use crate::mapping::{MapRegistry, Route, RoutingMap};
@@ -171,6 +171,26 @@ impl CrmSyncHandler {
             });
         }
         links::set_pushed(&self.pool, order_id, pipeline_id as i64, status_id as i64).await?;
+        if order.is_terminal && link.manager_moved {
+            // The marketplace's final state wins over a manager's move: say why.
+            let stage = client
+                .stage(pipeline_id, status_id)
+                .await?
+                .map(|s| s.name)
+                .unwrap_or_else(|| status_id.to_string());
+            client
+                .add_notes(&[NewNote {
+                    request_id: format!("terminal-{}", order.code),
+                    lead_id: link.lead_id as u64,
+                    text: format!(
+                        "orderbridge: the order is {} at {}; the lead was moved back to «{stage}». A final marketplace status always wins.",
+                        order.status,
+                        order.marketplace.as_str()
+                    ),
+                }])
+                .await?;
+            metrics::counter!("orderbridge_conflicts_total", "marketplace" => order.marketplace.as_str()).increment(1);
+        }
         tracing::info!(order = %order.code, lead_id = link.lead_id, status = %order.status, "Lead moved to the mapped stage.");
         Ok(())
     }
@@ -235,6 +255,7 @@ impl CrmSyncHandler {
                 contact_id: contact_id.map(|c| c as i64),
                 pushed_pipeline_id: Some(pipeline_id as i64),
                 pushed_status_id: Some(status_id as i64),
+                manager_moved: false,
             },
         )
         .await?;

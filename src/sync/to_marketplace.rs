@@ -60,7 +60,7 @@ pub async fn process_amocrm_inbox(pool: &PgPool, maps: &MapRegistry) -> Result<u
                             tracing::info!(order = %external_id, lead_id, action = %action.action, "A manager's move becomes a marketplace action.");
                         }
                         // The lead is where the manager put it: that is what the bridge knows now.
-                        links::set_pushed_in(&mut tx, link.order_id, pipeline_id, status_id)
+                        links::set_pushed_in(&mut tx, link.order_id, pipeline_id, status_id, true)
                             .await?;
                     }
                 }
@@ -191,4 +191,57 @@ impl Handler for MarketplaceActionHandler {
             }
         }
     }
+}
+
+/// How far back each events poll re-reads before its cursor.
+const EVENTS_OVERLAP: chrono::Duration = chrono::Duration::minutes(5);
+
+/// The fallback for lost webhooks: amoCRM's `lead_status_changed` events since
+/// the cursor (with an overlap) go into the inbox, deduplicated by event id.
+/// Returns how many were new. A change seen both ways is processed twice; the
+/// second time it equals the stage already recorded and is ignored.
+pub async fn poll_amocrm_events(client: &AmoClient, pool: &PgPool) -> Result<u64, EventsError> {
+    let account = client
+        .target()
+        .strip_prefix("amocrm:")
+        .unwrap_or(client.target())
+        .to_string();
+    let started = chrono::Utc::now();
+    let cursor = crate::store::orders::cursor(pool, "amocrm_events", &account).await?;
+    let from = cursor
+        .and_then(|c| c.listed_until)
+        .map(|until| until - EVENTS_OVERLAP)
+        .unwrap_or(started - chrono::Duration::hours(1));
+    crate::store::orders::poll_started(pool, "amocrm_events", &account).await?;
+    let events = client.status_changes_since(from.timestamp()).await?;
+    let items: Vec<inbox::NewInboxItem> = events
+        .iter()
+        .filter_map(|e| {
+            let (pipeline_id, status_id) = e.after?;
+            Some(inbox::NewInboxItem {
+                source: "amocrm".into(),
+                account: account.clone(),
+                kind: "lead_status".into(),
+                dedupe_key: format!("amocrm:{account}:event:{}", e.id),
+                payload: serde_json::json!({
+                    "lead_id": e.lead_id, "status_id": status_id, "pipeline_id": pipeline_id,
+                    "modified_user_id": e.created_by, "last_modified": e.created_at, "via": "events",
+                }),
+            })
+        })
+        .collect();
+    let new = inbox::insert(pool, &items).await?;
+    crate::store::orders::poll_succeeded(pool, "amocrm_events", &account, started).await?;
+    if new > 0 {
+        tracing::info!(crm_account = %account, new, "The events poll found lead changes.");
+    }
+    Ok(new)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventsError {
+    #[error(transparent)]
+    Amo(#[from] AmoError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
