@@ -5,3 +5,5 @@
 pub mod amocrm;
 pub mod avito;
 pub mod kaspi;
+
+pub(crate) mod support;

@@ -32,8 +32,6 @@ mod wire;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::task::AbortHandle;
-
 use state::State;
 
 /// How the simulated account behaves. `Default` gives the documented limits.
@@ -206,13 +204,8 @@ impl Shared {
 struct Owner {
     shared: Arc<Shared>,
     base_url: String,
-    server: AbortHandle,
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
+    /// Stops the server when the last handle goes away.
+    _server: crate::sim::support::ServerGuard,
 }
 
 /// A running simulated amoCRM account on `127.0.0.1:PORT`. Clones share it;
@@ -267,7 +260,7 @@ impl AmoSim {
             owner: Arc::new(Owner {
                 shared,
                 base_url,
-                server,
+                _server: crate::sim::support::ServerGuard(server),
             }),
         })
     }

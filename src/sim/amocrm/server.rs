@@ -3,23 +3,16 @@
 //! 1-second sliding-window rate limit, bearer auth, routing, the request log,
 //! `X-Request-Id`, and the webhook deliveries the request caused.
 
-use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, State as AxState};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::serve::{IncomingStream, Listener};
 use axum::Router;
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use super::state::{LeadChange, State};
 use super::wire::{problem_body, Body, Query, Reply};
@@ -39,104 +32,7 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .fallback(handle)
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
         .with_state(shared);
-    let service = app.into_make_service_with_connect_info::<ConnHandle>();
-    if let Err(error) = axum::serve(SimListener(listener), service).await {
-        tracing::warn!(%error, "amoCRM simulator stopped serving");
-    }
-}
-
-struct SimListener(TcpListener);
-
-/// Lets a handler drop its connection without an answer.
-#[derive(Clone, Debug)]
-struct ConnHandle {
-    kill: Arc<AtomicBool>,
-}
-
-impl Listener for SimListener {
-    type Io = SimStream;
-    type Addr = ConnHandle;
-
-    async fn accept(&mut self) -> (SimStream, ConnHandle) {
-        loop {
-            match self.0.accept().await {
-                Ok((stream, _)) => {
-                    let kill = Arc::new(AtomicBool::new(false));
-                    return (
-                        SimStream {
-                            inner: stream,
-                            kill: kill.clone(),
-                        },
-                        ConnHandle { kill },
-                    );
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "amoCRM simulator accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<ConnHandle> {
-        Ok(ConnHandle {
-            kill: Arc::new(AtomicBool::new(false)),
-        })
-    }
-}
-
-impl Connected<IncomingStream<'_, SimListener>> for ConnHandle {
-    fn connect_info(stream: IncomingStream<'_, SimListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-struct SimStream {
-    inner: TcpStream,
-    kill: Arc<AtomicBool>,
-}
-
-impl SimStream {
-    fn killed(&self) -> bool {
-        self.kill.load(Ordering::SeqCst)
-    }
-}
-
-impl AsyncRead for SimStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.killed() {
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SimStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if self.killed() {
-            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
-        }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.killed() {
-            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
-        }
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    crate::sim::support::serve(listener, app, "amocrm").await
 }
 
 /// What the front decided before any handler ran.
@@ -148,7 +44,7 @@ enum Front {
 
 async fn handle(
     AxState(shared): AxState<Arc<Shared>>,
-    ConnectInfo(conn): ConnectInfo<ConnHandle>,
+    ConnectInfo(conn): ConnectInfo<crate::sim::support::Cut>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -193,7 +89,7 @@ async fn handle(
             respond(Reply::html(504, "Gateway Time-out"), &request_id)
         }
         Front::Drop => {
-            conn.kill.store(true, Ordering::SeqCst);
+            conn.cut();
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
     }

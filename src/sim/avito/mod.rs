@@ -29,7 +29,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::task::AbortHandle;
 
 use state::State;
 
@@ -203,13 +202,8 @@ impl Shared {
 struct Owner {
     shared: Arc<Shared>,
     base_url: String,
-    server: AbortHandle,
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
+    /// Stops the server when the last handle goes away.
+    _server: crate::sim::support::ServerGuard,
 }
 
 /// The simulated Avito API; clones share one server. The server stops when
@@ -284,7 +278,7 @@ impl AvitoSim {
             owner: Arc::new(Owner {
                 shared,
                 base_url: format!("http://{addr}"),
-                server,
+                _server: crate::sim::support::ServerGuard(server),
             }),
         })
     }

@@ -25,8 +25,6 @@ mod state;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::task::AbortHandle;
-
 use state::State;
 
 /// How the simulated merchant account behaves.
@@ -185,13 +183,8 @@ impl Shared {
 struct Owner {
     shared: Arc<Shared>,
     base_url: String,
-    server: AbortHandle,
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
+    /// Stops the server when the last handle goes away.
+    _server: crate::sim::support::ServerGuard,
 }
 
 /// A running simulated Kaspi merchant on `127.0.0.1:PORT`. Clones share it;
@@ -256,7 +249,7 @@ impl KaspiSim {
             owner: Arc::new(Owner {
                 shared,
                 base_url: format!("{origin}{}", server::API_PREFIX),
-                server,
+                _server: crate::sim::support::ServerGuard(server),
             }),
         })
     }

@@ -4,23 +4,16 @@
 //! Connections run through a stream that a handler can cut, so a fault can
 //! drop a request without any response.
 
-use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, State as AxState};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::serve::{IncomingStream, Listener};
 use axum::Router;
 use serde_json::{json, Value};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use super::state::State;
 use super::{orders, KaspiFault, Shared, SimRequest};
@@ -100,110 +93,7 @@ impl Req<'_> {
 
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let app = Router::new().fallback(handle).with_state(shared);
-    let service = app.into_make_service_with_connect_info::<Cut>();
-    if let Err(error) = axum::serve(CuttableListener(listener), service).await {
-        tracing::warn!(%error, "Kaspi simulator stopped serving");
-    }
-}
-
-/// Accepts TCP connections and hands each handler a [`Cut`] for its connection.
-struct CuttableListener(TcpListener);
-
-/// Set it and the connection reads EOF and fails every write: it closes
-/// without the response ever reaching the client.
-#[derive(Clone, Debug, Default)]
-struct Cut(Arc<AtomicBool>);
-
-impl Cut {
-    fn cut(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-
-    fn is_cut(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-impl Listener for CuttableListener {
-    type Io = CuttableStream;
-    type Addr = Cut;
-
-    async fn accept(&mut self) -> (CuttableStream, Cut) {
-        loop {
-            match self.0.accept().await {
-                Ok((tcp, _)) => {
-                    let cut = Cut::default();
-                    return (
-                        CuttableStream {
-                            tcp,
-                            cut: cut.clone(),
-                        },
-                        cut,
-                    );
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "Kaspi simulator could not accept a connection");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Cut> {
-        Ok(Cut::default())
-    }
-}
-
-impl Connected<IncomingStream<'_, CuttableListener>> for Cut {
-    fn connect_info(stream: IncomingStream<'_, CuttableListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-struct CuttableStream {
-    tcp: TcpStream,
-    cut: Cut,
-}
-
-fn reset() -> io::Error {
-    io::ErrorKind::ConnectionReset.into()
-}
-
-impl AsyncRead for CuttableStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.cut.is_cut() {
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CuttableStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if self.cut.is_cut() {
-            return Poll::Ready(Err(reset()));
-        }
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.cut.is_cut() {
-            return Poll::Ready(Err(reset()));
-        }
-        Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
+    crate::sim::support::serve(listener, app, "kaspi").await
 }
 
 /// What the front decided.
@@ -217,7 +107,7 @@ enum Outcome {
 
 async fn handle(
     AxState(shared): AxState<Arc<Shared>>,
-    ConnectInfo(cut): ConnectInfo<Cut>,
+    ConnectInfo(cut): ConnectInfo<crate::sim::support::Cut>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
