@@ -136,24 +136,6 @@ pub async fn remember_contact(
     Ok(())
 }
 
-/// The order id of a stored order.
-pub async fn order_id(
-    pool: &PgPool,
-    marketplace: &str,
-    account: &str,
-    external_id: &str,
-) -> Result<Option<i64>, StoreError> {
-    let id = sqlx::query_scalar(
-        "SELECT id FROM orders WHERE marketplace = $1 AND account = $2 AND external_id = $3",
-    )
-    .bind(marketplace)
-    .bind(account)
-    .bind(external_id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(id)
-}
-
 /// The order behind a lead.
 #[derive(Debug, Clone, sqlx::FromRow)]
 struct LeadOrderRow {

@@ -75,9 +75,10 @@ impl Handler for CrmSyncHandler {
         let order = orders::snapshot(&self.pool, &marketplace, &shop, &external_id)
             .await?
             .ok_or_else(|| ToCrmError::NoOrder(external_id.clone()))?;
-        let order_id = links::order_id(&self.pool, &marketplace, &shop, &external_id)
-            .await?
-            .ok_or_else(|| ToCrmError::NoOrder(external_id.clone()))?;
+        // Ingest put the order's row id in the intent: no second lookup.
+        let order_id = job.payload["order_id"]
+            .as_i64()
+            .ok_or_else(|| ToCrmError::BadPayload("no `order_id`".into()))?;
         // The map this job started with stays in force for the whole job.
         let maps = self.maps.current();
         let map = maps
