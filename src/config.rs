@@ -52,6 +52,11 @@ pub struct DatabaseSettings {
 pub struct HttpSettings {
     pub listen: SocketAddr,
     pub webhook_body_limit_bytes: usize,
+    /// The address amoCRM can reach this bridge at (e.g. `https://bridge.example.com`):
+    /// with it, the daemon subscribes its own amoCRM webhooks; without it, the
+    /// events poll is the only intake of managers' moves.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -153,6 +158,40 @@ pub struct CrmAccount {
     /// Per-request timeout.
     #[serde(with = "humantime_serde", default = "default_crm_timeout")]
     pub request_timeout: Duration,
+    /// How often the events API is read for stage changes whose webhook was lost.
+    #[serde(with = "humantime_serde", default = "default_events_poll")]
+    pub events_poll_interval: Duration,
+    /// How often the local contact index is refreshed (changes since the last refresh).
+    #[serde(with = "humantime_serde", default = "default_contacts_refresh")]
+    pub contacts_refresh_interval: Duration,
+    /// How far back each events poll re-reads before its cursor (events that
+    /// amoCRM records a little late are not missed).
+    #[serde(with = "humantime_serde", default = "default_events_overlap")]
+    pub events_poll_overlap: Duration,
+    /// How often the daemon checks that amoCRM still has its webhook (and
+    /// subscribes it again when amoCRM disabled it).
+    #[serde(with = "humantime_serde", default = "default_webhook_check")]
+    pub webhook_check_interval: Duration,
+    /// The amoCRM user the bridge's token acts as (a dedicated technical user
+    /// is best): a change by anyone else is a manager's, never an echo.
+    #[serde(default)]
+    pub api_user_id: Option<u64>,
+}
+
+fn default_events_overlap() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+fn default_webhook_check() -> Duration {
+    Duration::from_secs(10 * 60)
+}
+
+fn default_events_poll() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_contacts_refresh() -> Duration {
+    Duration::from_secs(5 * 60)
 }
 
 fn default_circuit_cooldown() -> Duration {
@@ -195,12 +234,18 @@ pub enum MarketplaceKind {
     Avito,
 }
 
-impl fmt::Display for MarketplaceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl MarketplaceKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
             MarketplaceKind::Kaspi => "kaspi",
             MarketplaceKind::Avito => "avito",
-        })
+        }
+    }
+}
+
+impl fmt::Display for MarketplaceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

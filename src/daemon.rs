@@ -90,31 +90,37 @@ pub async fn run_until(
         },
         shutdown.clone(),
     ));
-    let started = start_pollers(&settings, &pool, &limiters, &shutdown)?;
+    let owner = crate::outbox::default_owner();
+    let started = start_pollers(&settings, &pool, &limiters, &owner, &shutdown).await?;
     let mut pollers = started.tasks;
-    pollers.push(tokio::spawn(process_inbox_forever(
-        pool.clone(),
-        maps.clone(),
-        shutdown.clone(),
-    )));
+    pollers.extend(start_crm_tasks(
+        &settings,
+        &pool,
+        &maps,
+        &crm_clients,
+        &shutdown,
+    ));
     let engine = Engine::builder(pool.clone(), EngineConfig::from_settings(&settings.outbox))
+        .owner(owner)
         .limiters(limiters.clone())
         .handler(
             crate::sync::ingest::CRM_SYNC_KIND,
-            crate::sync::to_crm::CrmSyncHandler {
-                pool: pool.clone(),
-                clients: crm_clients.clone(),
-                maps: maps.clone(),
-                shop_crm: settings
+            crate::sync::to_crm::CrmSyncHandler::new(
+                pool.clone(),
+                crm_clients.clone(),
+                maps.clone(),
+                settings
                     .shops
                     .iter()
                     .map(|(name, shop)| (name.clone(), shop.crm_account.clone()))
                     .collect(),
-            },
+            ),
         )
         .handler(
             crate::sync::to_marketplace::MARKETPLACE_ACTION_KIND,
             crate::sync::to_marketplace::MarketplaceActionHandler {
+                pool: pool.clone(),
+                maps: maps.clone(),
                 kaspi: started.kaspi,
                 avito: started.avito,
                 crm: crm_clients.clone(),
@@ -171,26 +177,192 @@ pub struct Started {
     pub avito: BTreeMap<String, AvitoClient>,
 }
 
-/// Processes stored amoCRM lead changes every second until shutdown.
-async fn process_inbox_forever(
-    pool: sqlx::PgPool,
-    maps: Arc<crate::mapping::MapRegistry>,
-    shutdown: CancellationToken,
-) {
-    crate::sync::every(std::time::Duration::from_secs(1), shutdown, || async {
-        if let Err(error) = crate::sync::to_marketplace::process_amocrm_inbox(&pool, &maps).await {
-            tracing::warn!(%error, "Processing amoCRM changes failed; they stay in the inbox.");
+/// The CRM side's long-running parts, each supervised: the amoCRM inbox
+/// processor (every second), and per CRM account the events-API poll (always:
+/// the safety net for lost webhooks, and the only intake without
+/// `http.public_url`) with the check for typed Kaspi completion codes, the
+/// webhook subscription keeper (with a public URL and a webhook secret), and
+/// the contact index refresh.
+pub fn start_crm_tasks(
+    settings: &Settings,
+    pool: &sqlx::PgPool,
+    maps: &Arc<crate::mapping::MapRegistry>,
+    crm_clients: &BTreeMap<String, AmoClient>,
+    shutdown: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use crate::sync::{every, supervise};
+    let mut tasks = Vec::new();
+    let bridge_users: Arc<BTreeMap<String, u64>> = Arc::new(
+        settings
+            .crm_accounts
+            .iter()
+            .filter_map(|(name, crm)| Some((name.clone(), crm.api_user_id?)))
+            .collect(),
+    );
+    let (p, m, s, u) = (pool.clone(), maps.clone(), shutdown.clone(), bridge_users);
+    tasks.push(tokio::spawn(supervise(
+        "amocrm_inbox".into(),
+        shutdown.clone(),
+        move || {
+            let (pool, maps, shutdown, users) = (p.clone(), m.clone(), s.clone(), u.clone());
+            async move {
+                every(std::time::Duration::from_secs(1), shutdown, || async {
+                    if let Err(error) =
+                        crate::sync::to_marketplace::process_amocrm_inbox(&pool, &maps, &users).await
+                    {
+                        tracing::warn!(%error, "Processing amoCRM changes failed; they stay in the inbox.");
+                    }
+                })
+                .await
+            }
+        },
+    )));
+    for (name, client) in crm_clients {
+        let Some(crm) = settings.crm_accounts.get(name) else {
+            continue;
+        };
+        let destination = match (&settings.http.public_url, &crm.webhook_secret) {
+            (Some(base), Some(secret)) => Some(webhook_destination(base, secret)),
+            _ => None,
+        };
+        match &destination {
+            Some(_) => {
+                tracing::info!(crm_account = %name, every_s = crm.events_poll_interval.as_secs(),
+                "Managers' moves arrive by amoCRM webhook (kept subscribed by the daemon); the events poll is the safety net.")
+            }
+            None => {
+                tracing::info!(crm_account = %name, every_s = crm.events_poll_interval.as_secs(),
+                "No http.public_url (or no webhook_secret) for this CRM account: the events poll is the only intake of managers' moves; they arrive within one poll interval.")
+            }
         }
-    })
-    .await
+        let (c, p, m, s, interval, overlap) = (
+            client.clone(),
+            pool.clone(),
+            maps.clone(),
+            shutdown.clone(),
+            crm.events_poll_interval,
+            crm.events_poll_overlap,
+        );
+        tasks.push(tokio::spawn(supervise(
+            format!("amocrm_events:{name}"),
+            shutdown.clone(),
+            move || {
+                let (client, pool, maps, shutdown) = (c.clone(), p.clone(), m.clone(), s.clone());
+                async move {
+                    every(interval, shutdown, || async {
+                        if let Err(error) =
+                            crate::sync::to_marketplace::poll_amocrm_events(&client, &pool, overlap).await
+                        {
+                            tracing::warn!(crm_account = %client.account_name(), %error, "Polling amoCRM's events failed; the cursor stays, the next poll re-reads the window.");
+                        }
+                        if let Err(error) =
+                            crate::sync::to_marketplace::check_completion_codes(&client, &pool, &maps).await
+                        {
+                            tracing::warn!(crm_account = %client.account_name(), %error, "Reading typed completion codes failed; the next poll tries again.");
+                        }
+                    })
+                    .await
+                }
+            },
+        )));
+        if let Some(destination) = destination {
+            let (c, s, interval) = (client.clone(), shutdown.clone(), crm.webhook_check_interval);
+            tasks.push(tokio::spawn(supervise(
+                format!("amocrm_webhook:{name}"),
+                shutdown.clone(),
+                move || {
+                    let (client, shutdown, destination) =
+                        (c.clone(), s.clone(), destination.clone());
+                    async move {
+                        every(interval, shutdown, || async {
+                            keep_webhook(&client, &destination).await;
+                        })
+                        .await
+                    }
+                },
+            )));
+        }
+        let (c, p, s, interval) = (
+            client.clone(),
+            pool.clone(),
+            shutdown.clone(),
+            crm.contacts_refresh_interval,
+        );
+        tasks.push(tokio::spawn(supervise(
+            format!("contact_index:{name}"),
+            shutdown.clone(),
+            move || {
+                let (client, pool, shutdown) = (c.clone(), p.clone(), s.clone());
+                async move {
+                    every(interval, shutdown, || async {
+                        if let Err(error) =
+                            crate::sync::contact_index::refresh(&client, &pool).await
+                        {
+                            tracing::warn!(crm_account = %client.account_name(), %error, "Refreshing the contact index failed; de-duplication searches amoCRM until it loads.");
+                        }
+                    })
+                    .await
+                }
+            },
+        )));
+    }
+    tasks
 }
 
-pub fn start_pollers(
+/// The amoCRM webhook settings the bridge subscribes.
+pub const WEBHOOK_SETTINGS: &[&str] = &["status_lead", "update_lead"];
+
+/// `{public_url}/hooks/amocrm/{secret}`. Secret: never logged.
+fn webhook_destination(public_url: &str, secret: &secrecy::SecretString) -> secrecy::SecretString {
+    use secrecy::ExposeSecret;
+    secrecy::SecretString::from(format!(
+        "{}/hooks/amocrm/{}",
+        public_url.trim_end_matches('/'),
+        secret.expose_secret()
+    ))
+}
+
+/// Makes sure amoCRM has the bridge's webhook, enabled, with every setting.
+async fn keep_webhook(client: &AmoClient, destination: &secrecy::SecretString) {
+    use secrecy::ExposeSecret;
+    match client
+        .ensure_webhook(destination.expose_secret(), WEBHOOK_SETTINGS)
+        .await
+    {
+        Ok(true) => {
+            metrics::counter!("orderbridge_webhook_subscriptions_total", "crm_account" => client.account_name().to_string()).increment(1);
+            tracing::info!(crm_account = %client.account_name(), settings = ?WEBHOOK_SETTINGS,
+                "Subscribed the bridge's amoCRM webhook (it was missing, incomplete or disabled).");
+        }
+        Ok(false) => {
+            tracing::debug!(crm_account = %client.account_name(), "The bridge's amoCRM webhook is in place.")
+        }
+        Err(error) => tracing::warn!(crm_account = %client.account_name(), %error,
+            "Could not check or subscribe the bridge's amoCRM webhook; the events poll carries managers' moves meanwhile, and the next check tries again."),
+    }
+}
+
+/// The marketplace pollers, one per shop (Avito: orders and messenger), each
+/// supervised and polling only while this replica (`owner`) holds the shop's
+/// outbox target lease, so several replicas never poll one shop at once.
+pub async fn start_pollers(
     settings: &Settings,
     pool: &sqlx::PgPool,
     limiters: &Limiters,
+    owner: &str,
     shutdown: &CancellationToken,
 ) -> Result<Started, DaemonError> {
+    let targets: Vec<String> = settings
+        .shops
+        .iter()
+        .map(|(name, shop)| format!("{}:{name}", shop.marketplace.as_str()))
+        .collect();
+    crate::store::outbox::ensure_targets(pool, &targets).await?;
+    let lease = |name: &str, kind: MarketplaceKind| crate::sync::ShopLease {
+        pool: pool.clone(),
+        target: format!("{}:{name}", kind.as_str()),
+        owner: owner.to_string(),
+    };
     let mut tasks = Vec::new();
     let mut kaspi = BTreeMap::new();
     let mut avito = BTreeMap::new();
@@ -213,12 +385,29 @@ pub fn start_pollers(
                 )
                 .map_err(|e| DaemonError::Config(format!("shops.{name}: {e}")))?;
                 kaspi.insert(name.clone(), client.clone());
-                let poller =
-                    KaspiPoller::new(client, pool.clone(), format!("amocrm:{}", shop.crm_account));
-                tracing::info!(shop = %name, every_s = shop.poll_interval.as_secs(), "Kaspi poller started.");
-                tasks.push(tokio::spawn(
-                    poller.run(shop.poll_interval, shutdown.clone()),
-                ));
+                let (pool, target, interval, stop, lease) = (
+                    pool.clone(),
+                    format!("amocrm:{}", shop.crm_account),
+                    shop.poll_interval,
+                    shutdown.clone(),
+                    lease(name, MarketplaceKind::Kaspi),
+                );
+                tracing::info!(shop = %name, every_s = shop.poll_interval.as_secs(), "Kaspi poller started (it polls while this replica holds the shop's lease).");
+                tasks.push(tokio::spawn(crate::sync::supervise(
+                    format!("kaspi_poller:{name}"),
+                    shutdown.clone(),
+                    move || {
+                        let poller = KaspiPoller::new(client.clone(), pool.clone(), target.clone());
+                        let (lease, stop) = (lease.clone(), stop.clone());
+                        async move {
+                            crate::sync::every_while_leased(lease, interval, stop, || async {
+                                // A failure is logged and recorded in the cursor; the next round resumes.
+                                let _ = poller.poll_once(chrono::Utc::now()).await;
+                            })
+                            .await
+                        }
+                    },
+                )));
             }
             MarketplaceKind::Avito => {
                 let (Some(client_id), Some(client_secret)) =
@@ -241,17 +430,48 @@ pub fn start_pollers(
                 .map_err(|e| DaemonError::Config(format!("shops.{name}: {e}")))?;
                 let crm_target = format!("amocrm:{}", shop.crm_account);
                 avito.insert(name.clone(), client.clone());
-                let poller = AvitoPoller::new(client.clone(), pool.clone(), crm_target.clone());
                 tracing::info!(shop = %name, every_s = shop.poll_interval.as_secs(), "Avito poller started.");
-                tasks.push(tokio::spawn(
-                    poller.run(shop.poll_interval, shutdown.clone()),
-                ));
-                tasks.push(tokio::spawn(run_messenger(
-                    client,
+                let (c, p, t, interval, stop, shop_lease) = (
+                    client.clone(),
                     pool.clone(),
-                    crm_target,
+                    crm_target.clone(),
                     shop.poll_interval,
                     shutdown.clone(),
+                    lease(name, MarketplaceKind::Avito),
+                );
+                tasks.push(tokio::spawn(crate::sync::supervise(
+                    format!("avito_poller:{name}"),
+                    shutdown.clone(),
+                    move || {
+                        let poller = AvitoPoller::new(c.clone(), p.clone(), t.clone());
+                        let (lease, stop) = (shop_lease.clone(), stop.clone());
+                        async move {
+                            crate::sync::every_while_leased(lease, interval, stop, || async {
+                                // A failure is logged and recorded in the cursor; the next round resumes.
+                                let _ = poller.poll_once().await;
+                            })
+                            .await
+                        }
+                    },
+                )));
+                let (p, stop, shop_lease) = (
+                    pool.clone(),
+                    shutdown.clone(),
+                    lease(name, MarketplaceKind::Avito),
+                );
+                tasks.push(tokio::spawn(crate::sync::supervise(
+                    format!("avito_messenger:{name}"),
+                    shutdown.clone(),
+                    move || {
+                        run_messenger(
+                            client.clone(),
+                            p.clone(),
+                            crm_target.clone(),
+                            interval,
+                            shop_lease.clone(),
+                            stop.clone(),
+                        )
+                    },
                 )));
             }
         }
@@ -270,9 +490,10 @@ async fn run_messenger(
     pool: sqlx::PgPool,
     crm_target: String,
     interval: std::time::Duration,
+    lease: crate::sync::ShopLease,
     shutdown: CancellationToken,
 ) {
-    crate::sync::every(interval, shutdown, || async {
+    crate::sync::every_while_leased(lease, interval, shutdown, || async {
         if let Err(error) = crate::sync::avito_leads::poll_unread(&client, &pool).await {
             tracing::warn!(account = %client.account(), %error, "Polling Avito's unread chats failed.");
         }

@@ -102,12 +102,12 @@ async fn bridge() -> Bridge {
 }
 
 fn crm_sync(b: &Bridge) -> CrmSyncHandler {
-    CrmSyncHandler {
-        pool: b.db.pool.clone(),
-        clients: b.clients.clone(),
-        maps: b.maps.clone(),
-        shop_crm: BTreeMap::from([("kaspi_main".to_string(), "main".to_string())]),
-    }
+    CrmSyncHandler::new(
+        b.db.pool.clone(),
+        b.clients.clone(),
+        b.maps.clone(),
+        BTreeMap::from([("kaspi_main".to_string(), "main".to_string())]),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,6 +240,8 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
             .handler(
                 MARKETPLACE_ACTION_KIND,
                 MarketplaceActionHandler {
+                    pool: db.pool.clone(),
+                    maps: maps.clone(),
                     kaspi: BTreeMap::from([("kaspi_main".to_string(), kaspi_client.clone())]),
                     avito: BTreeMap::new(),
                     crm: clients.clone(),
@@ -257,7 +259,9 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
     let lead = amo.leads().into_iter().next().unwrap();
     // The bridge's own create comes back as a webhook: an echo, no action.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    process_amocrm_inbox(&db.pool, maps).await.unwrap();
+    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+        .await
+        .unwrap();
     assert_eq!(
         count(&db.pool, "SELECT count(*) FROM outbox_jobs").await,
         0,
@@ -285,7 +289,12 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
         },
     )
     .await;
-    assert_eq!(process_amocrm_inbox(&db.pool, maps).await.unwrap(), 1);
+    assert_eq!(
+        process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+            .await
+            .unwrap(),
+        1
+    );
     wait_for("Kaspi accepted", Duration::from_secs(30), || async {
         kaspi.order(&order.id).unwrap().status == "ACCEPTED_BY_MERCHANT"
     })
@@ -299,7 +308,9 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
     poller.poll_once(chrono::Utc::now()).await.unwrap();
     wait_for("the sync is done", Duration::from_secs(30), drained).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    process_amocrm_inbox(&db.pool, maps).await.unwrap();
+    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+        .await
+        .unwrap();
     assert_eq!(
         amo.requests()
             .iter()
@@ -335,7 +346,9 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
             >= 1
     })
     .await;
-    process_amocrm_inbox(&db.pool, maps).await.unwrap();
+    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+        .await
+        .unwrap();
     wait_for("the refusal is noted", Duration::from_secs(30), || async {
         amo.notes()
             .iter()
@@ -367,6 +380,8 @@ async fn lost_webhooks_are_caught_by_the_events_poll_and_a_final_status_wins_wit
             .handler(
                 MARKETPLACE_ACTION_KIND,
                 MarketplaceActionHandler {
+                    pool: db.pool.clone(),
+                    maps: maps.clone(),
                     kaspi: BTreeMap::from([("kaspi_main".to_string(), b.kaspi_client.clone())]),
                     avito: BTreeMap::new(),
                     crm: clients.clone(),
@@ -399,19 +414,24 @@ async fn lost_webhooks_are_caught_by_the_events_poll_and_a_final_status_wins_wit
         manager,
     );
     assert!(
-        poll_amocrm_events(&clients["main"], &db.pool)
+        poll_amocrm_events(&clients["main"], &db.pool, Duration::from_secs(300))
             .await
             .unwrap()
             >= 1
     );
     assert_eq!(
-        poll_amocrm_events(&clients["main"], &db.pool)
+        poll_amocrm_events(&clients["main"], &db.pool, Duration::from_secs(300))
             .await
             .unwrap(),
         0,
         "deduplicated"
     );
-    assert_eq!(process_amocrm_inbox(&db.pool, maps).await.unwrap(), 1);
+    assert_eq!(
+        process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+            .await
+            .unwrap(),
+        1
+    );
     wait_for("Kaspi accepted", Duration::from_secs(30), || async {
         kaspi.order(&order.id).unwrap().status == "ACCEPTED_BY_MERCHANT"
     })
@@ -425,11 +445,13 @@ async fn lost_webhooks_are_caught_by_the_events_poll_and_a_final_status_wins_wit
         stage("Закрыто и не реализовано"),
         manager,
     );
-    poll_amocrm_events(&clients["main"], &db.pool)
+    poll_amocrm_events(&clients["main"], &db.pool, Duration::from_secs(300))
         .await
         .unwrap();
     kaspi.kaspi_completes(&order.id);
-    process_amocrm_inbox(&db.pool, maps).await.unwrap();
+    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+        .await
+        .unwrap();
     wait_for(
         "the refused cancel is handled",
         Duration::from_secs(30),

@@ -342,7 +342,8 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-fn default_owner() -> String {
+/// A replica name unique to this process: host name, pid and a random suffix.
+pub fn default_owner() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_string());
     format!(
         "{host}:{}:{}",

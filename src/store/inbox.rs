@@ -29,6 +29,18 @@ pub struct InboxRow {
     pub processed_at: Option<DateTime<Utc>>,
 }
 
+/// How many items of a source ended with each outcome (tests, diagnostics).
+pub async fn outcomes(pool: &PgPool, source: &str) -> Result<Vec<(String, i64)>, StoreError> {
+    let rows = sqlx::query_as(
+        "SELECT COALESCE(outcome, '') AS outcome, count(*) FROM inbox
+         WHERE source = $1 AND processed_at IS NOT NULL GROUP BY 1 ORDER BY 1",
+    )
+    .bind(source)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
 /// Stores items in one statement; duplicates (by dedupe key) are skipped.
 /// Returns how many were new.
 pub async fn insert(pool: &PgPool, items: &[NewInboxItem]) -> Result<u64, StoreError> {
@@ -72,13 +84,44 @@ pub async fn unprocessed(
     Ok(rows)
 }
 
+/// Claims up to `limit` unprocessed items of a source, oldest first, for the
+/// caller's transaction: they stay locked (other replicas skip them) until it
+/// ends, and the claimer marks them processed in it.
+pub async fn claim_unprocessed(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    source: &str,
+    limit: i64,
+) -> Result<Vec<InboxRow>, StoreError> {
+    let rows = sqlx::query_as(
+        "SELECT id, source, account, kind, dedupe_key, payload, received_at, processed_at
+         FROM inbox WHERE processed_at IS NULL AND source = $1 ORDER BY id LIMIT $2
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(source)
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows)
+}
+
 /// Marks an item processed.
 pub async fn mark_processed(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     id: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE inbox SET processed_at = now() WHERE id = $1")
+    mark_processed_as(tx, id, None).await
+}
+
+/// Marks an item processed, saying what it led to (`action`, `echo`,
+/// `duplicate`, `stale`, `ignored: <reason>`).
+pub async fn mark_processed_as(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: i64,
+    outcome: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE inbox SET processed_at = now(), outcome = $2 WHERE id = $1")
         .bind(id)
+        .bind(outcome)
         .execute(&mut **tx)
         .await?;
     Ok(())

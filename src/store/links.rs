@@ -184,3 +184,269 @@ pub async fn by_lead(
         )
     }))
 }
+
+/// Remembers many CRM contacts at once (the contact index): for each, its first
+/// phone (E.164) and email (lower-cased). Later values replace earlier ones.
+pub async fn remember_contacts(
+    pool: &PgPool,
+    crm_account: &str,
+    contacts: &[(i64, Option<String>, Option<String>)],
+) -> Result<u64, StoreError> {
+    let mut written = 0;
+    for chunk in contacts.chunks(1000) {
+        let ids: Vec<i64> = chunk.iter().map(|c| c.0).collect();
+        let phones: Vec<Option<String>> = chunk.iter().map(|c| c.1.clone()).collect();
+        let emails: Vec<Option<String>> = chunk.iter().map(|c| c.2.clone()).collect();
+        let done = sqlx::query(
+            "INSERT INTO crm_contacts (crm_account, contact_id, phone, email)
+             SELECT DISTINCT ON (id) $1, id, phone, email
+             FROM UNNEST($2::bigint[], $3::text[], $4::text[]) WITH ORDINALITY AS t(id, phone, email, n)
+             ORDER BY id, n DESC
+             ON CONFLICT (crm_account, contact_id) DO UPDATE
+             SET phone = EXCLUDED.phone, email = EXCLUDED.email",
+        )
+        .bind(crm_account)
+        .bind(&ids)
+        .bind(&phones)
+        .bind(&emails)
+        .execute(pool)
+        .await?;
+        written += done.rows_affected();
+    }
+    Ok(written)
+}
+
+/// A known contact with this phone or email, outside any transaction.
+pub async fn find_contact_by(
+    pool: &PgPool,
+    crm_account: &str,
+    phone: Option<&str>,
+    email: Option<&str>,
+) -> Result<Option<i64>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    find_contact(&mut conn, crm_account, phone, email).await
+}
+
+/// Records a stage the bridge is about to set on a lead, before the request
+/// goes out, so that a report of it (webhook or event) arriving at any time
+/// later, even before the request returns, is recognised as the bridge's echo.
+/// Prunes the lead's records older than a day on the way.
+pub async fn record_push(
+    pool: &PgPool,
+    crm_account: &str,
+    lead_id: i64,
+    pipeline_id: i64,
+    status_id: i64,
+) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
+    let intended_at = sqlx::query_scalar(
+        "WITH pruned AS (
+             DELETE FROM crm_pushes
+             WHERE crm_account = $1 AND lead_id = $2 AND intended_at < now() - interval '1 day'
+         )
+         INSERT INTO crm_pushes (crm_account, lead_id, pipeline_id, status_id)
+         VALUES ($1, $2, $3, $4) RETURNING intended_at",
+    )
+    .bind(crm_account)
+    .bind(lead_id)
+    .bind(pipeline_id)
+    .bind(status_id)
+    .fetch_one(pool)
+    .await?;
+    Ok(intended_at)
+}
+
+/// Takes a reported change for the bridge's own echo when the bridge recorded
+/// a push of exactly this stage on this lead, not yet matched by another
+/// change (reports of the same change, by webhook and by poll, all match), and
+/// the change happened between `slack_before` seconds before the push was
+/// recorded and `slack_after` seconds after. Marks that push as echoed and
+/// returns `true`; returns `false` when no such push exists.
+pub async fn take_echo(
+    conn: &mut PgConnection,
+    crm_account: &str,
+    lead_id: i64,
+    pipeline_id: i64,
+    status_id: i64,
+    changed_at: Option<i64>,
+    (slack_before, slack_after): (i64, i64),
+) -> Result<bool, StoreError> {
+    let taken = sqlx::query(
+        "UPDATE crm_pushes SET echoed_at = now(), echo_change_at = COALESCE(echo_change_at, $5)
+         WHERE id = (
+             SELECT id FROM crm_pushes
+             WHERE crm_account = $1 AND lead_id = $2 AND pipeline_id = $3 AND status_id = $4
+               AND (echoed_at IS NULL OR ($5::bigint IS NOT NULL AND echo_change_at = $5))
+               AND ($5::bigint IS NULL
+                    OR to_timestamp($5) BETWEEN intended_at - make_interval(secs => $6)
+                                            AND intended_at + make_interval(secs => $7))
+             ORDER BY intended_at LIMIT 1
+             FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(crm_account)
+    .bind(lead_id)
+    .bind(pipeline_id)
+    .bind(status_id)
+    .bind(changed_at)
+    .bind(slack_before as f64)
+    .bind(slack_after as f64)
+    .execute(&mut *conn)
+    .await?;
+    Ok(taken.rows_affected() == 1)
+}
+
+/// What the inbox processor needs of a link to judge a reported change.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct LinkState {
+    pub crm_changed_at: Option<i64>,
+    pub awaiting_code_since: Option<chrono::DateTime<chrono::Utc>>,
+    pub code_tried: Option<String>,
+}
+
+/// The link's CRM-change bookkeeping, locked until the caller's transaction
+/// ends (two changes of one lead are judged one after the other).
+pub async fn lock_state(
+    conn: &mut PgConnection,
+    order_id: i64,
+) -> Result<Option<LinkState>, StoreError> {
+    let row = sqlx::query_as(
+        "SELECT crm_changed_at, awaiting_code_since, code_tried FROM crm_links WHERE order_id = $1 FOR UPDATE",
+    )
+    .bind(order_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row)
+}
+
+/// Records the newest applied CRM change's time (never moves it back).
+pub async fn set_crm_changed_at(
+    conn: &mut PgConnection,
+    order_id: i64,
+    changed_at: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE crm_links SET crm_changed_at = GREATEST(COALESCE(crm_changed_at, $2), $2) WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(changed_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Records a manager's move of the lead (its stage, and when).
+pub async fn set_manager_moved(
+    conn: &mut PgConnection,
+    order_id: i64,
+    pipeline_id: i64,
+    status_id: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE crm_links SET pushed_pipeline_id = $2, pushed_status_id = $3, manager_moved = true,
+             manager_moved_at = now(), pushed_at = now()
+         WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(pipeline_id)
+    .bind(status_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Records the stage the bridge set with a push recorded at `intended_at`,
+/// unless a manager's move was recorded after that push began (the manager's
+/// move is the newer truth and stays). Returns whether it was recorded.
+pub async fn set_pushed_since(
+    pool: &PgPool,
+    order_id: i64,
+    pipeline_id: i64,
+    status_id: i64,
+    intended_at: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE crm_links SET pushed_pipeline_id = $2, pushed_status_id = $3, manager_moved = false, pushed_at = now()
+         WHERE order_id = $1 AND (manager_moved_at IS NULL OR manager_moved_at < $4)",
+    )
+    .bind(order_id)
+    .bind(pipeline_id)
+    .bind(status_id)
+    .bind(intended_at)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Kaspi completion: step 1 was sent (`Some(now)`) or the wait is over (`None`).
+pub async fn set_awaiting_code(
+    pool: &PgPool,
+    order_id: i64,
+    awaiting: bool,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE crm_links SET awaiting_code_since = CASE WHEN $2 THEN now() ELSE NULL END,
+             code_tried = CASE WHEN $2 THEN NULL ELSE code_tried END
+         WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(awaiting)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Remembers the code the bridge is trying, so the same wrong code is not
+/// tried again.
+pub async fn set_code_tried(
+    conn: &mut PgConnection,
+    order_id: i64,
+    code: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE crm_links SET code_tried = $2 WHERE order_id = $1")
+        .bind(order_id)
+        .bind(code)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Whether the order's lead waits for the buyer's completion code.
+pub async fn is_awaiting_code(pool: &PgPool, order_id: i64) -> Result<bool, StoreError> {
+    let waiting: Option<bool> = sqlx::query_scalar(
+        "SELECT awaiting_code_since IS NOT NULL FROM crm_links WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(waiting.unwrap_or(false))
+}
+
+/// `None`: the order's lead does not wait for a completion code; `Some(tried)`:
+/// it does, and `tried` is the code last tried.
+pub async fn awaiting_code_of(
+    pool: &PgPool,
+    order_id: i64,
+) -> Result<Option<Option<String>>, StoreError> {
+    let row: Option<(Option<String>,)> = sqlx::query_as(
+        "SELECT code_tried FROM crm_links WHERE order_id = $1 AND awaiting_code_since IS NOT NULL",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| r.0))
+}
+
+/// Leads of an account waiting for the buyer's completion code, with the code
+/// last tried on each.
+pub async fn awaiting_code(
+    pool: &PgPool,
+    crm_account: &str,
+) -> Result<Vec<(i64, Option<String>)>, StoreError> {
+    let rows = sqlx::query_as(
+        "SELECT lead_id, code_tried FROM crm_links
+         WHERE crm_account = $1 AND awaiting_code_since IS NOT NULL ORDER BY lead_id",
+    )
+    .bind(crm_account)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}

@@ -649,6 +649,18 @@ pub async fn release_targets(pool: &PgPool, owner: &str) -> Result<u64, StoreErr
     Ok(result.rows_affected())
 }
 
+/// Makes sure targets have lease rows (so the engine shares and leases them
+/// even before their first job: a shop's poller runs under its lease).
+pub async fn ensure_targets(pool: &PgPool, targets: &[String]) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO outbox_target_leases (target) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(targets)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Who holds a target's lease, if anyone holds it now.
 pub async fn target_owner(
     pool: &PgPool,

@@ -1,10 +1,15 @@
 //! Orchestration between the connectors, the store and the outbox: ingest
-//! (one transaction per order change: snapshot, stage history, outbox intent)
-//! the marketplace pollers, and the Marketplace → CRM handler (`to_crm`).
-//! CRM → marketplace, amoCRM inbox processing and reconciliation join later.
+//! (one transaction per order change: snapshot, stage history, outbox intent),
+//! the marketplace pollers (each under its shop's lease), the Marketplace →
+//! CRM handler (`to_crm`), and CRM → marketplace (`to_marketplace`: the amoCRM
+//! inbox, the events poll, the marketplace action handler). Also the loops
+//! every long-running part runs in: [`every`], [`every_while_leased`], and
+//! [`supervise`], which restarts a failed part.
 
 pub mod avito_leads;
 pub mod avito_poll;
+pub mod contact_index;
+pub mod crm_writer;
 pub mod ingest;
 pub mod kaspi_poll;
 pub mod to_crm;
@@ -30,5 +35,187 @@ where
             _ = tick.tick() => {}
         }
         round().await;
+    }
+}
+
+/// A shop's polling belongs to the replica that holds the shop's outbox target
+/// lease (the lease its marketplace actions run under; the engine shares and
+/// renews those), so one replica polls a shop at a time and a dead replica's
+/// shops move to another when their leases expire.
+#[derive(Clone)]
+pub struct ShopLease {
+    pub pool: sqlx::PgPool,
+    /// The outbox target, e.g. `kaspi:kaspi_main`.
+    pub target: String,
+    /// This replica's name in leases.
+    pub owner: String,
+}
+
+impl ShopLease {
+    /// Whether this replica holds the lease now (a database error: not held).
+    pub async fn held(&self) -> bool {
+        match crate::store::outbox::target_owner(&self.pool, &self.target, chrono::Utc::now()).await
+        {
+            Ok(owner) => owner.as_deref() == Some(self.owner.as_str()),
+            Err(error) => {
+                tracing::warn!(target_key = %self.target, %error, "Could not read the shop's lease; not polling this round.");
+                false
+            }
+        }
+    }
+}
+
+/// Like [`every`], but only while `lease` is held: checked every second, so
+/// a replica that gains the lease polls at once, and one that loses it stops.
+pub async fn every_while_leased<F, Fut>(
+    lease: ShopLease,
+    interval: Duration,
+    shutdown: CancellationToken,
+    mut round: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut last: Option<tokio::time::Instant> = None;
+    let mut was_held = false;
+    loop {
+        let held = lease.held().await;
+        if held != was_held {
+            if held {
+                tracing::info!(target_key = %lease.target, "This replica polls the shop now.");
+            } else {
+                tracing::info!(target_key = %lease.target, "Another replica polls the shop now.");
+            }
+            was_held = held;
+        }
+        if held && last.is_none_or(|at| at.elapsed() >= interval) {
+            last = Some(tokio::time::Instant::now());
+            round().await;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1).min(interval)) => {}
+        }
+    }
+}
+
+/// Keeps one long-running part of the daemon alive: `start` makes a fresh run
+/// of it; if that run panics, or returns while the daemon is not shutting
+/// down, the failure is logged and counted and the part restarted after a
+/// backoff (1 s doubling to 1 min; reset after a run that lasted a minute).
+/// The other parts are separate tasks and keep working meanwhile.
+pub async fn supervise<F, Fut>(part: String, shutdown: CancellationToken, mut start: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    const FIRST: Duration = Duration::from_secs(1);
+    const LONGEST: Duration = Duration::from_secs(60);
+    const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    let mut backoff = FIRST;
+    loop {
+        let started = tokio::time::Instant::now();
+        let mut run = tokio::spawn(start());
+        let outcome = tokio::select! {
+            outcome = &mut run => outcome,
+            _ = shutdown.cancelled() => {
+                // Parts watch the token themselves; one that does not stop
+                // within the grace period is aborted so shutdown never hangs.
+                if tokio::time::timeout(SHUTDOWN_GRACE, &mut run).await.is_err() {
+                    tracing::warn!(part = %part, "The part did not stop within the shutdown grace period; aborting it.");
+                    run.abort();
+                }
+                return;
+            }
+        };
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let why = match outcome {
+            Ok(()) => "it stopped on its own".to_string(),
+            Err(error) if error.is_panic() => {
+                let panic = error.into_panic();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                format!("it panicked: {message}")
+            }
+            Err(error) => format!("it was cancelled: {error}"),
+        };
+        if started.elapsed() >= LONGEST {
+            backoff = FIRST;
+        }
+        metrics::counter!("orderbridge_part_restarts_total", "part" => part.clone()).increment(1);
+        tracing::error!(part = %part, error = %why, restart_in_ms = backoff.as_millis() as u64,
+            "A part of the daemon failed; restarting it after a backoff. The rest keeps working.");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(LONGEST);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_part_is_restarted_with_backoff_while_others_keep_working() {
+        let shutdown = CancellationToken::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let failing = {
+            let runs = runs.clone();
+            tokio::spawn(supervise("failing".into(), shutdown.clone(), move || {
+                let runs = runs.clone();
+                async move {
+                    if runs.fetch_add(1, Ordering::SeqCst) < 3 {
+                        panic!("simulated failure");
+                    }
+                    // The fourth run works until shutdown.
+                    std::future::pending::<()>().await
+                }
+            }))
+        };
+        let healthy = {
+            let ticks = ticks.clone();
+            let token = shutdown.clone();
+            tokio::spawn(supervise("healthy".into(), shutdown.clone(), move || {
+                let (ticks, token) = (ticks.clone(), token.clone());
+                every(Duration::from_secs(1), token, move || {
+                    let ticks = ticks.clone();
+                    async move {
+                        ticks.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            }))
+        };
+        // Backoffs of 1 s, 2 s and 4 s: the fourth run starts after 7 s.
+        tokio::time::sleep(Duration::from_millis(6_500)).await;
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            3,
+            "restarted after 1 s and 3 s"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 4, "restarted after 4 s more");
+        assert!(
+            ticks.load(Ordering::SeqCst) >= 7,
+            "the healthy part kept ticking"
+        );
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            4,
+            "a working part is left alone"
+        );
+        shutdown.cancel();
+        failing.await.unwrap();
+        healthy.await.unwrap();
     }
 }

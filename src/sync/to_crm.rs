@@ -4,8 +4,12 @@
 //! twice) in the mapped stage, with its contact (de-duplicated by phone and
 //! email: the local index first, then amoCRM's search checked field by field)
 //! and the map's fields and tags; a later status moves the lead (status and
-//! pipeline together). What the bridge sets is remembered, so its own changes
-//! echoed back by webhooks can be told from a manager's.
+//! pipeline together). Creations and moves go through the account's
+//! [`CrmWriter`], which batches them across orders (≤50 per request); the
+//! contact comes from the local index ([`contact_index`]), so a new customer's
+//! contact is created inside the lead's own `/leads/complex` request. What the
+//! bridge sets is remembered, so its own changes echoed back by webhooks can be
+//! told from a manager's.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,18 +17,23 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use crate::connectors::amocrm::{
-    AmoClient, AmoError, FieldInput, FieldValue, LeadUpdate, NewContact, NewLead, NewNote,
+    AmoClient, AmoError, FieldInput, FieldValue, LeadUpdate, NewComplexLead, NewContact, NewLead,
+    NewNote,
 };
 use crate::domain::Order;
 use crate::mapping::{MapRegistry, Route, RoutingMap};
 use crate::outbox::{Handler, JobContext, RetryAction};
 use crate::store::links::{self, Link};
 use crate::store::{orders, StoreError};
+use crate::sync::contact_index;
+use crate::sync::crm_writer::{CrmWriter, WriteError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToCrmError {
     #[error(transparent)]
     Amo(#[from] AmoError),
+    #[error(transparent)]
+    Write(WriteError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the job's payload is not an order intent: {0}")]
@@ -49,12 +58,47 @@ pub enum ToCrmError {
 
 /// The `crm_sync_order` handler.
 pub struct CrmSyncHandler {
-    pub pool: PgPool,
+    pool: PgPool,
     /// CRM clients by CRM account name.
-    pub clients: BTreeMap<String, AmoClient>,
-    pub maps: Arc<MapRegistry>,
+    clients: BTreeMap<String, AmoClient>,
+    /// The batching writer of each CRM account.
+    writers: BTreeMap<String, CrmWriter>,
+    maps: Arc<MapRegistry>,
     /// Shop name → CRM account name.
-    pub shop_crm: BTreeMap<String, String>,
+    shop_crm: BTreeMap<String, String>,
+    /// One customer, one contact: creations for the same phone wait for each
+    /// other. Striped so the table never grows; all jobs of a CRM account run
+    /// in the replica that holds its target lease, so an in-process lock is
+    /// enough.
+    contact_locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+const CONTACT_LOCK_STRIPES: usize = 1024;
+
+impl CrmSyncHandler {
+    /// Builds the handler and starts one batching writer per CRM account
+    /// (needs a tokio runtime).
+    pub fn new(
+        pool: PgPool,
+        clients: BTreeMap<String, AmoClient>,
+        maps: Arc<MapRegistry>,
+        shop_crm: BTreeMap<String, String>,
+    ) -> CrmSyncHandler {
+        let writers = clients
+            .iter()
+            .map(|(name, client)| (name.clone(), CrmWriter::start(client.clone())))
+            .collect();
+        CrmSyncHandler {
+            pool,
+            clients,
+            writers,
+            maps,
+            shop_crm,
+            contact_locks: (0..CONTACT_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
 }
 
 impl Handler for CrmSyncHandler {
@@ -89,10 +133,11 @@ impl Handler for CrmSyncHandler {
             .shop_crm
             .get(&shop)
             .ok_or_else(|| ToCrmError::NoClient(shop.clone()))?;
-        let client = self
-            .clients
-            .get(crm_account)
-            .ok_or_else(|| ToCrmError::NoClient(crm_account.clone()))?;
+        let (Some(client), Some(writer)) =
+            (self.clients.get(crm_account), self.writers.get(crm_account))
+        else {
+            return Err(ToCrmError::NoClient(crm_account.clone()));
+        };
         if !map.online {
             return Err(ToCrmError::MapOffline { shop });
         }
@@ -111,14 +156,27 @@ impl Handler for CrmSyncHandler {
             Route::Ignore => None,
         };
         match links::get(&self.pool, order_id).await? {
-            Some(link) => self.update(client, &order, order_id, &link, stage).await,
+            Some(link) => {
+                self.update(client, writer, &order, order_id, &link, stage)
+                    .await
+            }
             None => {
                 let Some(stage) = stage else {
                     // An ignored status before the order has a lead: nothing to show yet.
                     return Ok(());
                 };
-                self.create(client, crm_account, map, &order, order_id, stage)
-                    .await
+                // A retry (the previous attempt may have created the lead and
+                // died before linking it) or a repair looks for the lead first.
+                let recover = job.attempt > 1 || job.payload["recover"].as_bool() == Some(true);
+                let target = Creation {
+                    client,
+                    writer,
+                    crm_account,
+                    map,
+                    order_id,
+                    stage,
+                };
+                self.create(&target, &order, recover).await
             }
         }
     }
@@ -126,6 +184,7 @@ impl Handler for CrmSyncHandler {
     fn classify(&self, error: &ToCrmError) -> RetryAction {
         match error {
             ToCrmError::Amo(e) => e.classify(),
+            ToCrmError::Write(e) => e.classify(),
             ToCrmError::Store(e) => RetryAction::retry(e.to_string()),
             // The map may resolve once the CRM answers or an admin fixes it.
             ToCrmError::MapOffline { .. } | ToCrmError::NoMap(_) => {
@@ -140,10 +199,21 @@ impl Handler for CrmSyncHandler {
     }
 }
 
+/// Where a new lead goes.
+struct Creation<'a> {
+    client: &'a AmoClient,
+    writer: &'a CrmWriter,
+    crm_account: &'a str,
+    map: &'a RoutingMap,
+    order_id: i64,
+    stage: (u64, u64),
+}
+
 impl CrmSyncHandler {
     async fn update(
         &self,
         client: &AmoClient,
+        writer: &CrmWriter,
         order: &Order,
         order_id: i64,
         link: &Link,
@@ -157,21 +227,47 @@ impl CrmSyncHandler {
         {
             return Ok(());
         }
-        let outcome = client
-            .update_leads(&[LeadUpdate {
+        if !order.is_terminal && links::is_awaiting_code(&self.pool, order_id).await? {
+            // Kaspi completion between its two steps: the lead stays in the
+            // completion stage where the manager put it.
+            return Ok(());
+        }
+        // Recorded before the request: its echo may arrive before the answer.
+        let intended_at = links::record_push(
+            &self.pool,
+            &link.crm_account,
+            link.lead_id,
+            pipeline_id as i64,
+            status_id as i64,
+        )
+        .await?;
+        writer
+            .update(LeadUpdate {
                 id: link.lead_id as u64,
                 stage: Some((pipeline_id, status_id)),
                 price: Some(order.total.major_rounded()),
                 ..LeadUpdate::default()
-            }])
-            .await?;
-        if let Some(rejected) = outcome.rejected.first() {
-            return Err(ToCrmError::Refused {
-                code: order.code.clone(),
-                reason: rejected.errors.join("; "),
-            });
+            })
+            .await
+            .map_err(|e| match e {
+                WriteError::Refused(reason) => ToCrmError::Refused {
+                    code: order.code.clone(),
+                    reason,
+                },
+                other => ToCrmError::Write(other),
+            })?;
+        if !links::set_pushed_since(
+            &self.pool,
+            order_id,
+            pipeline_id as i64,
+            status_id as i64,
+            intended_at,
+        )
+        .await?
+        {
+            tracing::info!(order = %order.code, lead_id = link.lead_id,
+                "A manager moved the lead while the bridge was moving it; the manager's move is kept on record.");
         }
-        links::set_pushed(&self.pool, order_id, pipeline_id as i64, status_id as i64).await?;
         if order.is_terminal && link.manager_moved {
             // The marketplace's final state wins over a manager's move: say why.
             let stage = client
@@ -198,60 +294,118 @@ impl CrmSyncHandler {
 
     async fn create(
         &self,
-        client: &AmoClient,
-        crm_account: &str,
-        map: &RoutingMap,
+        to: &Creation<'_>,
         order: &Order,
-        order_id: i64,
-        (pipeline_id, status_id): (u64, u64),
+        recover: bool,
     ) -> Result<(), ToCrmError> {
-        // After a crash between "lead created" and "link stored": find it again.
-        let existing = client
-            .search_leads(&order.code)
-            .await?
-            .into_iter()
-            .find(|l| l.name.contains(&order.code) && l.pipeline_id == pipeline_id);
-        let contact_id = self.contact(client, crm_account, order).await?;
-        let lead_id = match existing {
-            Some(lead) => {
+        let (pipeline_id, status_id) = to.stage;
+        let e164 = order
+            .customer
+            .phone
+            .as_ref()
+            .map(|p| p.as_e164().to_string());
+        if recover {
+            // After a crash between "lead created" and "link stored": find it again.
+            let existing = to
+                .client
+                .search_leads(&order.code)
+                .await?
+                .into_iter()
+                .find(|l| l.name.contains(&order.code) && l.pipeline_id == pipeline_id);
+            if let Some(lead) = existing {
                 tracing::warn!(order = %order.code, lead_id = lead.id, "Found the order's lead by its code; linking it instead of creating a second one.");
-                lead.id
-            }
-            None => {
-                let lead = NewLead {
-                    request_id: order.code.clone(),
-                    name: lead_name(map, order),
-                    price: Some(order.total.major_rounded()),
-                    pipeline_id,
-                    status_id,
-                    responsible_user_id: responsible(map, order_id, order),
-                    fields: fields(map, order),
-                    tags: map.tags.clone(),
-                    contact_ids: contact_id.into_iter().collect(),
-                };
-                let outcome = client.create_leads(&[lead]).await?;
-                match (outcome.done.first(), outcome.rejected.first()) {
-                    (Some((_, id)), _) => *id,
-                    (None, Some(rejected)) => {
-                        return Err(ToCrmError::Refused {
-                            code: order.code.clone(),
-                            reason: rejected.errors.join("; "),
-                        })
-                    }
-                    (None, None) => {
-                        return Err(ToCrmError::Refused {
-                            code: order.code.clone(),
-                            reason: "amoCRM returned no lead".into(),
-                        })
-                    }
+                let contact_id = lead.contact_ids.first().copied();
+                if let Some(contact_id) = contact_id {
+                    let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+                    links::remember_contact(
+                        &mut conn,
+                        to.crm_account,
+                        contact_id as i64,
+                        e164.as_deref(),
+                        None,
+                    )
+                    .await?;
                 }
+                return self.link(to, order, lead.id, contact_id).await;
             }
+        }
+        // One customer, one contact: the same phone waits here for the first
+        // order's creation to be remembered.
+        let key = e164
+            .clone()
+            .or_else(|| order.customer.name.clone())
+            .unwrap_or_else(|| order.code.clone());
+        let _customer = self.contact_locks[stripe(to.crm_account, &key)]
+            .lock()
+            .await;
+        let existing_contact = self.known_contact(to, order, e164.as_deref()).await?;
+        let new_contact = match existing_contact {
+            Some(_) => None,
+            None if order.customer.phone.is_none() && order.customer.name.is_none() => None,
+            None => Some(NewContact {
+                request_id: format!("contact-{}", order.code),
+                name: order
+                    .customer
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| "Покупатель".to_string()),
+                phone: order.customer.phone.clone(),
+                email: None,
+            }),
         };
+        let lead = NewLead {
+            request_id: order.code.clone(),
+            name: lead_name(to.map, order),
+            price: Some(order.total.major_rounded()),
+            pipeline_id,
+            status_id,
+            responsible_user_id: responsible(to.map, to.order_id, order),
+            fields: fields(to.map, order),
+            tags: to.map.tags.clone(),
+            contact_ids: existing_contact.into_iter().collect(),
+        };
+        let created = to
+            .writer
+            .create(NewComplexLead {
+                lead,
+                contact: new_contact,
+            })
+            .await
+            .map_err(|e| match e {
+                WriteError::Refused(reason) => ToCrmError::Refused {
+                    code: order.code.clone(),
+                    reason,
+                },
+                other => ToCrmError::Write(other),
+            })?;
+        let contact_id = existing_contact.or(created.contact_id);
+        if let (None, Some(new_id)) = (existing_contact, created.contact_id) {
+            let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+            links::remember_contact(
+                &mut conn,
+                to.crm_account,
+                new_id as i64,
+                e164.as_deref(),
+                None,
+            )
+            .await?;
+        }
+        self.link(to, order, created.lead_id, contact_id).await
+    }
+
+    async fn link(
+        &self,
+        to: &Creation<'_>,
+        order: &Order,
+        lead_id: u64,
+        contact_id: Option<u64>,
+    ) -> Result<(), ToCrmError> {
+        let (pipeline_id, status_id) = to.stage;
         links::insert(
             &self.pool,
             &Link {
-                order_id,
-                crm_account: crm_account.to_string(),
+                order_id: to.order_id,
+                crm_account: to.crm_account.to_string(),
                 lead_id: lead_id as i64,
                 contact_id: contact_id.map(|c| c as i64),
                 pushed_pipeline_id: Some(pipeline_id as i64),
@@ -260,59 +414,45 @@ impl CrmSyncHandler {
             },
         )
         .await?;
+        metrics::counter!("orderbridge_leads_created_total", "marketplace" => order.marketplace.as_str()).increment(1);
         tracing::info!(order = %order.code, lead_id, contact_id, "Lead created for the order.");
         Ok(())
     }
 
-    /// The order's contact: known locally, found in amoCRM (checked field by
-    /// field), or created; `None` when the order carries no phone and no name.
-    async fn contact(
+    /// The order's existing contact: from the local index, or (while the
+    /// account's index has never been loaded) from amoCRM's search, checked
+    /// field by field. `None` when the customer is new.
+    async fn known_contact(
         &self,
-        client: &AmoClient,
-        crm_account: &str,
+        to: &Creation<'_>,
         order: &Order,
+        e164: Option<&str>,
     ) -> Result<Option<u64>, ToCrmError> {
-        let phone = order.customer.phone.as_ref();
-        if phone.is_none() && order.customer.name.is_none() {
+        let Some(phone) = order.customer.phone.as_ref() else {
             return Ok(None);
-        }
-        let e164 = phone.map(|p| p.as_e164().to_string());
-        // One customer, one contact, even for two orders at the same moment.
-        let key = e164
-            .clone()
-            .or_else(|| order.customer.name.clone())
-            .unwrap_or_default();
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        links::lock_contact_key(&mut tx, crm_account, &key).await?;
-        if let Some(id) = links::find_contact(&mut tx, crm_account, e164.as_deref(), None).await? {
-            tx.commit().await.map_err(StoreError::from)?;
+        };
+        if let Some(id) = links::find_contact_by(&self.pool, to.crm_account, e164, None).await? {
             return Ok(Some(id as u64));
         }
-        let id = match client.find_contacts(phone, None).await?.first() {
-            Some(found) => found.id,
-            None => {
-                let created = client
-                    .create_contacts(&[NewContact {
-                        request_id: format!("contact-{}", order.code),
-                        name: order
-                            .customer
-                            .name
-                            .clone()
-                            .unwrap_or_else(|| "Покупатель".to_string()),
-                        phone: phone.cloned(),
-                        email: None,
-                    }])
-                    .await?;
-                match created.done.first() {
-                    Some((_, id)) => *id,
-                    None => return Ok(None),
-                }
-            }
+        if contact_index::is_loaded(&self.pool, to.crm_account).await? {
+            return Ok(None);
+        }
+        let found = to.client.find_contacts(Some(phone), None).await?;
+        let Some(contact) = found.first() else {
+            return Ok(None);
         };
-        links::remember_contact(&mut tx, crm_account, id as i64, e164.as_deref(), None).await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        Ok(Some(id))
+        let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+        links::remember_contact(&mut conn, to.crm_account, contact.id as i64, e164, None).await?;
+        Ok(Some(contact.id))
     }
+}
+
+/// The contact lock stripe of a customer key.
+fn stripe(crm_account: &str, key: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (crm_account, key).hash(&mut hasher);
+    (hasher.finish() % CONTACT_LOCK_STRIPES as u64) as usize
 }
 
 /// The lead's name from the map's template.

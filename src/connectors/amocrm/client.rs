@@ -154,6 +154,11 @@ impl AmoClient {
         &self.inner.target
     }
 
+    /// The configured name of the CRM account.
+    pub fn account_name(&self) -> &str {
+        &self.inner.account.name
+    }
+
     /// Sends an API call: circuit, token, limiter, one refresh-and-retry on 401,
     /// then maps the answer. 2xx (204 included) is `Ok`.
     pub(super) async fn call(
@@ -163,9 +168,24 @@ impl AmoClient {
         query: &[(String, String)],
         body: Option<&Value>,
     ) -> Result<Answer, AmoError> {
+        self.call_since(method, path, query, body, None).await
+    }
+
+    /// [`Self::call`] with `If-Modified-Since` (Unix seconds), which amoCRM's
+    /// lists honour: only entities changed since then are listed.
+    pub(super) async fn call_since(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<&Value>,
+        modified_since: Option<i64>,
+    ) -> Result<Answer, AmoError> {
         self.check_circuit().await?;
         let token = self.access_token().await?;
-        let mut answer = self.send(method.clone(), path, query, body, &token).await?;
+        let mut answer = self
+            .send(method.clone(), path, query, body, &token, modified_since)
+            .await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             match &self.inner.account.auth {
                 AmoAuth::LongLived(_) => {
@@ -176,7 +196,9 @@ impl AmoClient {
                 }
                 AmoAuth::OAuth { .. } => {
                     let fresh = self.refresh(Some(&token)).await?;
-                    answer = self.send(method, path, query, body, &fresh).await?;
+                    answer = self
+                        .send(method, path, query, body, &fresh, modified_since)
+                        .await?;
                     if answer.status == StatusCode::UNAUTHORIZED {
                         return Err(AmoError::Unauthorized {
                             after_refresh: true,
@@ -197,6 +219,7 @@ impl AmoClient {
         query: &[(String, String)],
         body: Option<&Value>,
         token: &str,
+        modified_since: Option<i64>,
     ) -> Result<Answer, AmoError> {
         let url = self
             .inner
@@ -215,6 +238,11 @@ impl AmoClient {
             );
         if !query.is_empty() {
             request = request.query(query);
+        }
+        if let Some(since) = modified_since.and_then(|s| chrono::DateTime::from_timestamp(s, 0)) {
+            // An HTTP-date (RFC 9110 IMF-fixdate).
+            let http_date = since.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+            request = request.header(reqwest::header::IF_MODIFIED_SINCE, http_date);
         }
         if let Some(body) = body {
             request = request.json(body);

@@ -11,6 +11,7 @@ mod wire;
 
 pub use client::{AmoAccount, AmoAuth, AmoClient};
 pub use error::{AmoError, ItemRejection};
+pub use ops::BATCH;
 
 use crate::domain::{Email, Phone};
 

@@ -157,10 +157,31 @@ pub fn parse(body: &[u8]) -> Result<WebhookPayload, WebhookError> {
     })
 }
 
+/// The inbox key of "lead L entered stage (P, S) at T": the same for a status
+/// webhook (`last_modified`) and for the events API's `lead_status_changed`
+/// (`created_at`), so one change is stored once whichever way it arrives.
+pub fn status_change_key(
+    account: &str,
+    lead_id: u64,
+    pipeline_id: u64,
+    status_id: u64,
+    at: i64,
+) -> String {
+    format!("amocrm:{account}:lead_status:{lead_id}:{pipeline_id}:{status_id}:{at}")
+}
+
 impl LeadChange {
     /// Identifies a change, so a webhook delivered twice (or seen again by the
     /// events poll) is stored once.
     pub fn dedupe_key(&self, account: &str) -> String {
+        if let (LeadAction::Status, Some(pipeline_id), Some(status_id), Some(at)) = (
+            self.action,
+            self.pipeline_id,
+            self.status_id,
+            self.last_modified,
+        ) {
+            return status_change_key(account, self.lead_id, pipeline_id, status_id, at);
+        }
         format!(
             "amocrm:{account}:{}:{}:{}:{}:{}",
             self.action.as_str(),

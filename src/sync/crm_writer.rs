@@ -1,0 +1,210 @@
+//! Batching of amoCRM writes across orders. Each CRM account has one writer
+//! task; the `crm_sync_order` jobs of many orders hand it their lead
+//! creations (with a new contact embedded, through `/leads/complex`) and their
+//! lead updates, and it sends them in batches of up to 50 per request. It does
+//! not wait to fill a batch: whatever queued while the previous request waited
+//! for the account's rate limiter goes into the next one, so a quiet bridge
+//! pays no latency and a busy one gets full batches (design §2: amoCRM ≤7
+//! req/s, batches ≤50).
+
+use std::collections::VecDeque;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::connectors::amocrm::{
+    AmoClient, AmoError, ComplexCreated, LeadUpdate, NewComplexLead, BATCH,
+};
+use crate::outbox::RetryAction;
+
+/// Why one item of a batch was not written.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// amoCRM refused this item (validation): retrying the same data cannot help.
+    #[error("amoCRM refused the item: {0}")]
+    Refused(String),
+    /// The whole request failed; `action` is the connector's classification.
+    #[error("{message}")]
+    Failed {
+        message: String,
+        action: RetryAction,
+    },
+    #[error("the amoCRM writer of this account has stopped")]
+    Stopped,
+}
+
+impl WriteError {
+    pub fn classify(&self) -> RetryAction {
+        match self {
+            WriteError::Refused(reason) => RetryAction::permanent(reason.clone()),
+            WriteError::Failed { action, .. } => action.clone(),
+            WriteError::Stopped => RetryAction::retry(self.to_string()),
+        }
+    }
+
+    fn from_amo(error: &AmoError) -> WriteError {
+        WriteError::Failed {
+            message: error.to_string(),
+            action: error.classify(),
+        }
+    }
+}
+
+enum Op {
+    Create(
+        NewComplexLead,
+        oneshot::Sender<Result<ComplexCreated, WriteError>>,
+    ),
+    Update(LeadUpdate, oneshot::Sender<Result<(), WriteError>>),
+}
+
+/// The handle jobs use; cloning shares the account's writer task.
+#[derive(Clone)]
+pub struct CrmWriter {
+    ops: mpsc::UnboundedSender<Op>,
+}
+
+impl CrmWriter {
+    /// Starts the writer task of one account. It ends when every handle is dropped.
+    pub fn start(client: AmoClient) -> CrmWriter {
+        let (ops, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_forever(client, rx));
+        CrmWriter { ops }
+    }
+
+    /// Creates one lead (and its embedded new contact), batched with others.
+    pub async fn create(&self, lead: NewComplexLead) -> Result<ComplexCreated, WriteError> {
+        let (tx, rx) = oneshot::channel();
+        self.ops
+            .send(Op::Create(lead, tx))
+            .map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Applies one lead update, batched with other orders' updates.
+    pub async fn update(&self, update: LeadUpdate) -> Result<(), WriteError> {
+        let (tx, rx) = oneshot::channel();
+        self.ops
+            .send(Op::Update(update, tx))
+            .map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+}
+
+type CreateWaiter = (
+    NewComplexLead,
+    oneshot::Sender<Result<ComplexCreated, WriteError>>,
+);
+type UpdateWaiter = (LeadUpdate, oneshot::Sender<Result<(), WriteError>>);
+
+async fn write_forever(client: AmoClient, mut rx: mpsc::UnboundedReceiver<Op>) {
+    let mut creates: VecDeque<CreateWaiter> = VecDeque::new();
+    let mut updates: VecDeque<UpdateWaiter> = VecDeque::new();
+    loop {
+        if creates.is_empty() && updates.is_empty() {
+            match rx.recv().await {
+                Some(op) => queue(op, &mut creates, &mut updates),
+                None => return,
+            }
+        }
+        // Everything that queued meanwhile joins this round.
+        while let Ok(op) = rx.try_recv() {
+            queue(op, &mut creates, &mut updates);
+        }
+        if !creates.is_empty() {
+            let n = creates.len().min(BATCH);
+            let batch: Vec<CreateWaiter> = creates.drain(..n).collect();
+            write_creates(&client, batch).await;
+        }
+        if !updates.is_empty() {
+            let n = updates.len().min(BATCH);
+            let batch: Vec<UpdateWaiter> = updates.drain(..n).collect();
+            write_updates(&client, batch).await;
+        }
+    }
+}
+
+fn queue(op: Op, creates: &mut VecDeque<CreateWaiter>, updates: &mut VecDeque<UpdateWaiter>) {
+    match op {
+        Op::Create(lead, tx) => creates.push_back((lead, tx)),
+        Op::Update(update, tx) => updates.push_back((update, tx)),
+    }
+}
+
+async fn write_creates(client: &AmoClient, batch: Vec<CreateWaiter>) {
+    metrics::histogram!("orderbridge_amocrm_batch_size", "op" => "create")
+        .record(batch.len() as f64);
+    let leads: Vec<NewComplexLead> = batch.iter().map(|(lead, _)| lead.clone()).collect();
+    match client.create_leads_complex(&leads).await {
+        Ok(created) => {
+            for (lead, tx) in batch {
+                let result = created
+                    .iter()
+                    .find(|c| c.request_id == lead.lead.request_id)
+                    .cloned()
+                    .ok_or_else(|| {
+                        WriteError::Refused("amoCRM's answer does not name this lead".into())
+                    });
+                let _ = tx.send(result);
+            }
+        }
+        // `/leads/complex` refuses a whole batch for one bad item: send each
+        // alone so only the bad one fails.
+        Err(AmoError::Validation(_)) if batch.len() > 1 => {
+            for (lead, tx) in batch {
+                let result = match client.create_leads_complex(std::slice::from_ref(&lead)).await {
+                    Ok(created) => created
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| WriteError::Refused("amoCRM returned no lead".into())),
+                    Err(AmoError::Validation(items)) => Err(WriteError::Refused(
+                        items
+                            .iter()
+                            .flat_map(|i| i.errors.iter().cloned())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    )),
+                    Err(error) => Err(WriteError::from_amo(&error)),
+                };
+                let _ = tx.send(result);
+            }
+        }
+        Err(AmoError::Validation(items)) => {
+            let reason = items
+                .iter()
+                .flat_map(|i| i.errors.iter().cloned())
+                .collect::<Vec<_>>()
+                .join("; ");
+            for (_, tx) in batch {
+                let _ = tx.send(Err(WriteError::Refused(reason.clone())));
+            }
+        }
+        Err(error) => {
+            for (_, tx) in batch {
+                let _ = tx.send(Err(WriteError::from_amo(&error)));
+            }
+        }
+    }
+}
+
+async fn write_updates(client: &AmoClient, batch: Vec<UpdateWaiter>) {
+    metrics::histogram!("orderbridge_amocrm_batch_size", "op" => "update")
+        .record(batch.len() as f64);
+    let updates: Vec<LeadUpdate> = batch.iter().map(|(u, _)| u.clone()).collect();
+    match client.update_leads(&updates).await {
+        Ok(outcome) => {
+            for (update, tx) in batch {
+                let id = update.id.to_string();
+                let result = match outcome.rejected.iter().find(|r| r.request_id == id) {
+                    Some(rejected) => Err(WriteError::Refused(rejected.errors.join("; "))),
+                    None => Ok(()),
+                };
+                let _ = tx.send(result);
+            }
+        }
+        Err(error) => {
+            for (_, tx) in batch {
+                let _ = tx.send(Err(WriteError::from_amo(&error)));
+            }
+        }
+    }
+}
