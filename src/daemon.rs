@@ -71,11 +71,17 @@ pub async fn run_until(
         .await
         .map_err(|problems| DaemonError::Maps(problems.join("\n  - ")))?,
     );
+    let releaser = tokio::spawn(release_when_resolved(
+        maps.clone(),
+        pool.clone(),
+        shutdown.clone(),
+    ));
     let watcher = tokio::spawn(maps.clone().watch(
         crm_clients.clone(),
         std::time::Duration::from_secs(2),
         shutdown.clone(),
     ));
+    let inbox_wake = Arc::new(tokio::sync::Notify::new());
     let listener = crate::http::bind(settings.http.listen).await?;
     tracing::info!(listen = %settings.http.listen, "Serving /healthz, /readyz and /metrics.");
     let http = tokio::spawn(crate::http::serve(
@@ -87,6 +93,7 @@ pub async fn run_until(
             avito_hooks: std::sync::Arc::new(avito_hook_accounts(&settings)),
             webhook_body_limit: settings.http.webhook_body_limit_bytes,
             maps: Some(maps.clone()),
+            inbox_wake: inbox_wake.clone(),
         },
         shutdown.clone(),
     ));
@@ -98,6 +105,7 @@ pub async fn run_until(
         &pool,
         &maps,
         &crm_clients,
+        &inbox_wake,
         &shutdown,
     ));
     let engine = Engine::builder(pool.clone(), EngineConfig::from_settings(&settings.outbox))
@@ -140,6 +148,7 @@ pub async fn run_until(
         let _ = poller.await;
     }
     let _ = watcher.await;
+    let _ = releaser.await;
     match http.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "The HTTP server stopped with an error."),
@@ -188,6 +197,7 @@ pub fn start_crm_tasks(
     pool: &sqlx::PgPool,
     maps: &Arc<crate::mapping::MapRegistry>,
     crm_clients: &BTreeMap<String, AmoClient>,
+    inbox_wake: &Arc<tokio::sync::Notify>,
     shutdown: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     use crate::sync::{every, supervise};
@@ -199,21 +209,33 @@ pub fn start_crm_tasks(
             .filter_map(|(name, crm)| Some((name.clone(), crm.api_user_id?)))
             .collect(),
     );
-    let (p, m, s, u) = (pool.clone(), maps.clone(), shutdown.clone(), bridge_users);
+    let (p, m, s, u, wake) = (
+        pool.clone(),
+        maps.clone(),
+        shutdown.clone(),
+        bridge_users,
+        inbox_wake.clone(),
+    );
     tasks.push(tokio::spawn(supervise(
         "amocrm_inbox".into(),
         shutdown.clone(),
         move || {
-            let (pool, maps, shutdown, users) = (p.clone(), m.clone(), s.clone(), u.clone());
+            let (pool, maps, shutdown, users, wake) =
+                (p.clone(), m.clone(), s.clone(), u.clone(), wake.clone());
             async move {
-                every(std::time::Duration::from_secs(1), shutdown, || async {
+                // Every second, and at once when a webhook stored something.
+                loop {
                     if let Err(error) =
                         crate::sync::to_marketplace::process_amocrm_inbox(&pool, &maps, &users).await
                     {
                         tracing::warn!(%error, "Processing amoCRM changes failed; they stay in the inbox.");
                     }
-                })
-                .await
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                }
             }
         },
     )));
@@ -307,6 +329,26 @@ pub fn start_crm_tasks(
         )));
     }
     tasks
+}
+
+/// Jobs waiting for unresolved maps run at once when the maps resolve.
+async fn release_when_resolved(
+    maps: Arc<crate::mapping::MapRegistry>,
+    pool: sqlx::PgPool,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = maps.resolved() => {}
+        }
+        match crate::store::outbox::release_waiting(&pool, crate::mapping::UNRESOLVED).await {
+            Ok(n) => tracing::info!(jobs = n, "Released the jobs that waited for the maps."),
+            Err(error) => {
+                tracing::warn!(%error, "Could not release the jobs that waited for the maps; they run at their next try.")
+            }
+        }
+    }
 }
 
 /// The amoCRM webhook settings the bridge subscribes.

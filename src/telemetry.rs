@@ -55,6 +55,13 @@ pub fn metrics() -> Result<PrometheusHandle, TelemetryError> {
     if let Some(handle) = METRICS.get() {
         return Ok(handle.clone());
     }
+    // Two daemons starting at once in one process (tests, the demo) install
+    // one recorder: the second waits here and takes the first one's handle.
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(handle) = METRICS.get() {
+        return Ok(handle.clone());
+    }
     let recorder = PrometheusBuilder::new()
         .set_buckets(&[
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -67,7 +74,7 @@ pub fn metrics() -> Result<PrometheusHandle, TelemetryError> {
             let _ = METRICS.set(handle.clone());
             Ok(handle)
         }
-        // Another thread won the race; use its handle.
+        // Someone else installed a recorder outside this function.
         Err(_) => METRICS
             .get()
             .cloned()

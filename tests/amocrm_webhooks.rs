@@ -31,6 +31,7 @@ async fn serve(pool: sqlx::PgPool, limit: usize) -> (String, tokio_util::sync::C
         webhook_body_limit: limit,
         avito_hooks: Default::default(),
         maps: None,
+        inbox_wake: Default::default(),
     };
     tokio::spawn(orderbridge::http::serve(listener, state, shutdown.clone()));
     (format!("http://{addr}"), shutdown)

@@ -270,6 +270,7 @@ async fn readyz_reports_an_unreachable_database() {
             webhook_body_limit: 1024,
             avito_hooks: Default::default(),
             maps: None,
+            inbox_wake: Default::default(),
         },
         shutdown.clone(),
     ));
@@ -352,9 +353,10 @@ token = "kaspi-test-token"
         count(&pool, "SELECT count(*) FROM orders").await == 2
     })
     .await;
-    // The CRM intents wait for their handler (a later issue): queued, not dead.
-    wait_for("two pending intents", Duration::from_secs(10), || async {
-        count(&pool, "SELECT count(*) FROM outbox_jobs WHERE state = 'pending' AND kind = 'crm_sync_order' AND target = 'amocrm:main'").await == 2
+    // The CRM does not answer, so the maps are unresolved: the intents wait with
+    // that reason (pending, not dead), and nothing is written.
+    wait_for("two waiting intents", Duration::from_secs(10), || async {
+        count(&pool, "SELECT count(*) FROM outbox_jobs WHERE state = 'pending' AND kind = 'crm_sync_order' AND target = 'amocrm:main' AND starts_with(last_error, 'maps unresolved')").await == 2
     })
     .await;
     pool.close().await;
@@ -410,4 +412,122 @@ fn check_config_refuses_a_map_with_a_typo_naming_file_line_and_key() {
     .output()
     .unwrap();
     assert!(output.status.success(), "{}", text(&output));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_and_restart_in_flight_jobs_run_again_within_fifteen_seconds() {
+    use orderbridge::sim::amocrm::{AmoSim, AmoSimConfig};
+    use orderbridge::sim::kaspi::{KaspiSim, KaspiSimConfig, SimOrderSpec};
+    let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
+    let amo = AmoSim::start(AmoSimConfig {
+        long_lived_token: Some("kill-test-token".into()),
+        ..AmoSimConfig::default()
+    })
+    .await
+    .unwrap();
+    seed_crm_from_map(&amo, std::path::Path::new("config/maps/kaspi.toml"), None);
+    let (url, name) = new_database_url();
+    let dir = std::env::temp_dir().join(format!("orderbridge-kill-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("orderbridge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[http]
+listen = "127.0.0.1:{port}"
+
+[crm_accounts.main]
+base_url = "{amo}"
+events_poll_interval = "1s"
+[crm_accounts.main.auth]
+mode = "long_lived"
+token = "kill-test-token"
+
+[shops.kaspi_main]
+marketplace = "kaspi"
+crm_account = "main"
+map = "config/maps/kaspi.toml"
+base_url = "{kaspi}"
+poll_interval = "1s"
+token = "kaspi-test-token"
+"#,
+            port = free_port(),
+            amo = amo.base_url(),
+            kaspi = kaspi.base_url()
+        ),
+    )
+    .unwrap();
+    let run = || orderbridge(&["--config", file.to_str().unwrap(), "run"], &url);
+    let mut first = Daemon(run().spawn().unwrap());
+    let started = Instant::now();
+    let pool = loop {
+        if let Ok(pool) = sqlx::PgPool::connect(&url).await {
+            if sqlx::query("SELECT 1 FROM crm_pushes LIMIT 1")
+                .execute(&pool)
+                .await
+                .is_ok()
+            {
+                break pool;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "daemon did not migrate"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let order = kaspi.create_order(SimOrderSpec::new(
+        "910001",
+        chrono::Utc::now().timestamp_millis() - 60_000,
+    ));
+    wait_for("the lead exists", Duration::from_secs(30), || async {
+        amo.leads().len() == 1 && count(&pool, "SELECT count(*) FROM crm_links").await == 1
+    })
+    .await;
+    let lead = amo.leads().remove(0);
+    let manager = amo.seed_user("Менеджер");
+    let working = amo
+        .pipelines()
+        .into_iter()
+        .flat_map(|p| p.stages)
+        .find(|(_, name)| name == "В работе / Сборка")
+        .unwrap()
+        .0;
+    // Kaspi turns slow: the accept is in flight when the daemon is killed.
+    kaspi.set_latency(Duration::from_secs(25));
+    amo.manager_moves_lead(lead.id, lead.pipeline_id, working, manager);
+    wait_for("the accept is in flight", Duration::from_secs(30), || async {
+        count(&pool, "SELECT count(*) FROM outbox_jobs WHERE state = 'running' AND kind = 'marketplace_action'").await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.0.kill().unwrap();
+    let _ = first.0.wait();
+    kaspi.set_latency(Duration::ZERO);
+    let _second = Daemon(run().spawn().unwrap());
+    let restarted = Instant::now();
+    wait_for("the accept ran again", Duration::from_secs(30), || async {
+        kaspi.order(&order.id).unwrap().status == "ACCEPTED_BY_MERCHANT"
+    })
+    .await;
+    let resumed = restarted.elapsed();
+    println!("resume_after_sigkill_ms: {}", resumed.as_millis());
+    assert!(
+        resumed < Duration::from_secs(15),
+        "resumed after {resumed:?}"
+    );
+    wait_for("the queue drained", Duration::from_secs(20), || async {
+        count(&pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    let accepts = kaspi
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.status == 200)
+        .count();
+    assert_eq!(accepts, 1, "accepted once");
+    pool.close().await;
+    drop(_second);
+    drop_database(&name).await;
 }

@@ -247,6 +247,7 @@ async fn readyz_shows_a_refused_reload() {
             avito_hooks: Default::default(),
             webhook_body_limit: 1024,
             maps: Some(registry.clone()),
+            inbox_wake: Default::default(),
         },
         shutdown.clone(),
     ));

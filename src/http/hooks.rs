@@ -99,6 +99,9 @@ pub(super) async fn amocrm(
         .collect();
     match inbox::insert(&state.pool, &items).await {
         Ok(new) => {
+            if new > 0 {
+                state.inbox_wake.notify_one();
+            }
             tracing::info!(account = %account.name, items = items.len(), new, "amoCRM webhook stored.");
             metrics::counter!("orderbridge_webhooks_total", "source" => "amocrm", "result" => "stored")
                 .increment(1);

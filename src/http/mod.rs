@@ -1,5 +1,6 @@
 //! The HTTP side (axum): `/healthz` (alive), `/readyz` (ready: the database
-//! answers and no target's circuit is open), `/metrics` (Prometheus), and the
+//! answers, no target's circuit is open, and every map is resolved against its
+//! CRM), `/metrics` (Prometheus), and the
 //! webhook intake under `/hooks/…` ([`hooks`]). The dashboard joins here later.
 
 pub mod hooks;
@@ -29,6 +30,9 @@ pub struct AppState {
     pub webhook_body_limit: usize,
     /// The status maps in force (their last refused reload is shown by `/readyz`).
     pub maps: Option<std::sync::Arc<crate::mapping::MapRegistry>>,
+    /// Woken when an amoCRM webhook stored changes, so the inbox processor acts
+    /// at once instead of at its next tick.
+    pub inbox_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -114,6 +118,37 @@ async fn readyz(State(state): State<AppState>) -> Response {
     // A refused map reload leaves the previous maps in force: shown, not fatal
     // (webhooks must keep arriving while an admin fixes the file).
     let map_errors = state.maps.as_ref().map(|m| m.errors()).unwrap_or_default();
+    // Maps that cannot be resolved against their CRM: nothing can be written
+    // there, so not ready; each account with the endpoint and the CRM's answer.
+    let unresolved = state
+        .maps
+        .as_ref()
+        .map(|m| m.unresolved())
+        .unwrap_or_default();
+    let status = if unresolved.is_empty() {
+        status
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let maps = match (map_errors.is_empty(), unresolved.is_empty()) {
+        (true, true) => serde_json::json!("ok"),
+        _ => {
+            let mut maps = serde_json::Map::new();
+            if !map_errors.is_empty() {
+                maps.insert("reload_refused".into(), serde_json::json!(map_errors));
+            }
+            if !unresolved.is_empty() {
+                maps.insert(
+                    "unresolved".into(),
+                    serde_json::json!(unresolved
+                        .iter()
+                        .map(|(account, why)| serde_json::json!({ "crm_account": account, "problem": why }))
+                        .collect::<Vec<_>>()),
+                );
+            }
+            serde_json::Value::Object(maps)
+        }
+    };
     let ready = status == StatusCode::OK;
     (
         status,
@@ -122,7 +157,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
             "checks": {
                 "database": database,
                 "open_circuits": circuits,
-                "maps": if map_errors.is_empty() { serde_json::json!("ok") } else { serde_json::json!({ "reload_refused": map_errors }) },
+                "maps": maps,
             }
         })),
     )

@@ -11,7 +11,7 @@ pub mod resolve;
 pub mod validate;
 
 pub use model::{load, ActionRow, MapError, MapFile, StatusRow};
-pub use registry::{MapRegistry, MapSet, MapSource};
+pub use registry::{MapRegistry, MapSet, MapSource, UNRESOLVED};
 pub use resolve::{resolve_online, CrmDirectory, Route, RoutingMap, StageAction};
 pub use validate::{validate, MapIssue, MarketplaceRules};
 

@@ -2,7 +2,10 @@
 //! when a map file changes. A reload validates every map (online where the CRM
 //! answers) and swaps them in at once; any problem leaves the old maps in
 //! force, logs the problems and keeps them for `/readyz`. Maps that could only
-//! be checked offline (their CRM did not answer) are retried online every 30 s. Work that started
+//! be checked offline (their CRM did not answer, or answered an error to a
+//! request the maps need: kept per account, with the endpoint and the answer,
+//! for `/readyz` and the jobs that wait for it) are retried online every 10 s;
+//! a successful resolution wakes [`MapRegistry::resolved`]. Work that started
 //! under a map keeps its `Arc` to that map until it finishes.
 
 use std::collections::BTreeMap;
@@ -45,36 +48,52 @@ impl MapSource {
 #[derive(Debug, Default)]
 pub struct MapSet {
     pub shops: BTreeMap<String, Arc<RoutingMap>>,
+    /// CRM accounts whose maps could not be resolved online, and why (the
+    /// endpoint and what the CRM answered).
+    pub unresolved: BTreeMap<String, String>,
 }
+
+/// The start of every reason a job waits with while its maps are unresolved.
+pub const UNRESOLVED: &str = "maps unresolved";
 
 pub struct MapRegistry {
     sources: Vec<MapSource>,
     current: RwLock<Arc<MapSet>>,
     errors: RwLock<Vec<String>>,
     stamps: RwLock<Vec<Option<SystemTime>>>,
+    /// Woken when a reload resolved every map online after some were not.
+    resolved: tokio::sync::Notify,
 }
 
-/// Reads what the CRM accounts have (`None` when a CRM does not answer).
-async fn directories(crm: &BTreeMap<String, AmoClient>) -> BTreeMap<String, Option<CrmDirectory>> {
+/// Reads what the CRM accounts have; for an account that cannot be read, the
+/// endpoint and what the CRM answered (or that it did not).
+async fn directories(
+    crm: &BTreeMap<String, AmoClient>,
+) -> BTreeMap<String, Result<CrmDirectory, String>> {
     let mut found = BTreeMap::new();
     for (name, client) in crm {
+        let at = |endpoint: &'static str| {
+            move |error: crate::connectors::amocrm::AmoError| format!("GET {endpoint}: {error}")
+        };
         let directory = async {
-            Ok::<_, crate::connectors::amocrm::AmoError>(CrmDirectory {
-                pipelines: client.reload_pipelines().await?,
-                users: client.users().await?,
-                lead_fields: client.lead_custom_fields().await?,
+            Ok::<_, String>(CrmDirectory {
+                pipelines: client
+                    .reload_pipelines()
+                    .await
+                    .map_err(at("/api/v4/leads/pipelines"))?,
+                users: client.users().await.map_err(at("/api/v4/users"))?,
+                lead_fields: client
+                    .lead_custom_fields()
+                    .await
+                    .map_err(at("/api/v4/leads/custom_fields"))?,
             })
         }
         .await;
-        match directory {
-            Ok(d) => {
-                found.insert(name.clone(), Some(d));
-            }
-            Err(error) => {
-                tracing::warn!(crm_account = %name, %error, "The CRM did not answer; maps are validated offline only.");
-                found.insert(name.clone(), None);
-            }
+        if let Err(problem) = &directory {
+            tracing::error!(crm_account = %name, problem = %problem,
+                "The maps cannot be resolved against this CRM account; nothing is written to it until they are (retried every 10 s).");
         }
+        found.insert(name.clone(), directory);
     }
     found
 }
@@ -101,17 +120,20 @@ async fn build(
             problems.extend(issues.into_iter().map(|i| i.to_string()));
             continue;
         }
-        let routing = match directories
-            .get(&source.crm_account)
-            .and_then(Option::as_ref)
-        {
-            Some(directory) => match resolve_online(&file, &text, &map, directory) {
+        let routing = match directories.get(&source.crm_account) {
+            Some(Ok(directory)) => match resolve_online(&file, &text, &map, directory) {
                 Ok(routing) => routing,
                 Err(issues) => {
                     problems.extend(issues.into_iter().map(|i| i.to_string()));
                     continue;
                 }
             },
+            Some(Err(problem)) => {
+                set.unresolved
+                    .insert(source.crm_account.clone(), problem.clone());
+                RoutingMap::offline(&file, &map)
+            }
+            // No client for it (offline validation, e.g. `check-config`).
             None => RoutingMap::offline(&file, &map),
         };
         set.shops.insert(source.shop.clone(), Arc::new(routing));
@@ -143,6 +165,7 @@ impl MapRegistry {
             current: RwLock::new(Arc::new(set)),
             errors: RwLock::new(Vec::new()),
             stamps: RwLock::new(stamps),
+            resolved: tokio::sync::Notify::new(),
         })
     }
 
@@ -168,7 +191,15 @@ impl MapRegistry {
         *self.stamps.write().unwrap_or_else(|p| p.into_inner()) = stamps(&self.sources);
         match build(&self.sources, crm).await {
             Ok(set) => {
+                let was_unresolved = !self.current().unresolved.is_empty();
+                let now_resolved = set.unresolved.is_empty();
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+                if was_unresolved && now_resolved {
+                    tracing::info!(
+                        "Every map is resolved against its CRM now; waiting jobs are released."
+                    );
+                    self.resolved.notify_waiters();
+                }
                 self.errors
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
@@ -184,6 +215,16 @@ impl MapRegistry {
                 Err(problems)
             }
         }
+    }
+
+    /// Waits until a reload resolves every map online after some were not.
+    pub async fn resolved(&self) {
+        self.resolved.notified().await
+    }
+
+    /// The CRM accounts whose maps are not resolved, and why.
+    pub fn unresolved(&self) -> BTreeMap<String, String> {
+        self.current().unresolved.clone()
     }
 
     /// Whether some map could only be validated offline (its CRM did not answer).
@@ -209,7 +250,7 @@ impl MapRegistry {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // While a CRM did not answer, try to resolve its maps online again now and then.
-        let retry_offline = Duration::from_secs(30);
+        let retry_offline = Duration::from_secs(10);
         let mut last_try = std::time::Instant::now();
         loop {
             #[cfg(unix)]

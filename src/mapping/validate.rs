@@ -40,6 +40,8 @@ pub struct ActionRule {
     pub reasons: Option<&'static [&'static str]>,
     /// Takes `spaces` (1–50).
     pub takes_spaces: bool,
+    /// A `[lead.fields]` slot the action cannot work without.
+    pub needs_field: Option<&'static str>,
 }
 
 /// What a marketplace's maps may contain.
@@ -55,16 +57,19 @@ const KASPI_ACTIONS: &[ActionRule] = &[
         name: "accept",
         reasons: None,
         takes_spaces: false,
+        needs_field: None,
     },
     ActionRule {
         name: "assemble",
         reasons: None,
         takes_spaces: true,
+        needs_field: None,
     },
     ActionRule {
         name: "complete",
         reasons: None,
         takes_spaces: false,
+        needs_field: Some("completion_code"),
     },
     ActionRule {
         name: "cancel",
@@ -74,6 +79,7 @@ const KASPI_ACTIONS: &[ActionRule] = &[
             "MERCHANT_OUT_OF_STOCK",
         ]),
         takes_spaces: false,
+        needs_field: None,
     },
 ];
 
@@ -82,21 +88,25 @@ const AVITO_ACTIONS: &[ActionRule] = &[
         name: "confirm",
         reasons: None,
         takes_spaces: false,
+        needs_field: None,
     },
     ActionRule {
         name: "reject",
         reasons: None,
         takes_spaces: false,
+        needs_field: None,
     },
     ActionRule {
         name: "perform",
         reasons: None,
         takes_spaces: false,
+        needs_field: None,
     },
     ActionRule {
         name: "receive",
         reasons: None,
         takes_spaces: false,
+        needs_field: None,
     },
 ];
 
@@ -143,6 +153,8 @@ pub const FIELD_SLOTS: &[&str] = &[
     "item_title",
     "item_url",
     "item_price",
+    // Not order data: the field the manager types Kaspi's completion code into.
+    "completion_code",
 ];
 
 /// Placeholders of the lead name template.
@@ -324,6 +336,19 @@ pub fn validate(file: &str, text: &str, map: &MapFile, rules: &MarketplaceRules)
                 );
             }
         }
+        if let Some(slot) = rule.needs_field {
+            let has = map
+                .lead
+                .as_ref()
+                .is_some_and(|l| l.get_ref().fields.keys().any(|f| f.get_ref() == slot));
+            if !has {
+                bad(
+                    r.action.span(),
+                    format!("{key}.action"),
+                    format!("`{}` needs the lead field the manager types the buyer's code into: add `{slot} = \"<field name>\"` under [lead.fields]", rule.name),
+                );
+            }
+        }
         if let Some(spaces) = &r.spaces {
             if !rule.takes_spaces {
                 bad(
@@ -494,6 +519,17 @@ mod tests {
                 "{expected} missing from {keys:?}"
             );
         }
+    }
+
+    #[test]
+    fn kaspi_completion_needs_the_code_field() {
+        let text = edited("completion_code = \"Код выдачи\"\n", "");
+        let issues = check(&text);
+        let issue = issues
+            .iter()
+            .find(|i| i.key == "actions.\"Успешно реализовано\".action")
+            .unwrap_or_else(|| panic!("no completion-code issue in {issues:?}"));
+        assert!(issue.message.contains("completion_code"), "{issue:?}");
     }
 
     #[test]

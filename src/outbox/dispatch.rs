@@ -287,6 +287,13 @@ fn next_finish(
         return Finish::Success;
     };
     let error = error.to_string();
+    if let RetryAction::Wait { after, .. } = action {
+        return Finish::Waiting {
+            run_at: finished_at
+                + chrono::Duration::from_std(*after).unwrap_or(chrono::Duration::MAX),
+            reason: error,
+        };
+    }
     let failures = u32::try_from(job.failures).unwrap_or(0).saturating_add(1);
     match shared
         .config
@@ -315,6 +322,7 @@ fn outcome_label(finish: &Finish) -> &'static str {
         Finish::Retry { .. } => "retry",
         Finish::Dead { .. } => "dead",
         Finish::Released => "released",
+        Finish::Waiting { .. } => "waiting",
     }
 }
 
@@ -345,6 +353,8 @@ fn log_outcome(job: &ClaimedJob, action: &RetryAction, finish: &Finish) {
             tracing::error!(job_id = job.id, attempt = job.attempts, kind = %job.kind,
                 target = %job.target, error = %error, "Job dead-lettered.")
         }
+        Finish::Waiting { run_at, reason } => tracing::info!(job_id = job.id, kind = %job.kind,
+            target = %job.target, %run_at, reason = %reason, "Job waits; it is tried again later."),
         Finish::Released => {}
     }
 }

@@ -19,6 +19,11 @@ pub enum RetryAction {
     RetryAfter { after: Duration, error: String },
     /// Retrying cannot help; dead-letter with this reason.
     Permanent { reason: String },
+    /// Not a failure: something the job needs is not there yet (e.g. the maps
+    /// are not resolved against the CRM). The job waits with this reason and
+    /// is tried again after `after` (or at once when released, see
+    /// `outbox::release_waiting`); it is never dead-lettered for waiting.
+    Wait { after: Duration, reason: String },
 }
 
 impl RetryAction {
@@ -50,7 +55,7 @@ impl RetryAction {
         match self {
             RetryAction::Success => None,
             RetryAction::Retry { error, .. } | RetryAction::RetryAfter { error, .. } => Some(error),
-            RetryAction::Permanent { reason } => Some(reason),
+            RetryAction::Permanent { reason } | RetryAction::Wait { reason, .. } => Some(reason),
         }
     }
 }
@@ -120,6 +125,7 @@ impl RetrySchedule {
                 let extra = honoured.mul_f64(rng.random_range(0.0..=self.jitter.max(0.0)));
                 (honoured + extra).min(self.max_retry_after)
             }
+            RetryAction::Wait { after, .. } => *after,
             RetryAction::Permanent { .. } | RetryAction::Success => return NextStep::DeadLetter,
         };
         NextStep::RetryIn(delay)

@@ -157,6 +157,16 @@ pub async fn by_lead(
     crm_account: &str,
     lead_id: i64,
 ) -> Result<Option<(String, String, String, Link)>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    by_lead_in(&mut conn, crm_account, lead_id).await
+}
+
+/// [`by_lead`] inside the caller's transaction (it sees the transaction's own writes).
+pub async fn by_lead_in(
+    conn: &mut PgConnection,
+    crm_account: &str,
+    lead_id: i64,
+) -> Result<Option<(String, String, String, Link)>, StoreError> {
     let row: Option<LeadOrderRow> = sqlx::query_as(
         "SELECT o.marketplace, o.account, o.external_id, l.order_id, l.crm_account, l.lead_id, l.contact_id,
                 l.pushed_pipeline_id, l.pushed_status_id, l.manager_moved
@@ -165,7 +175,7 @@ pub async fn by_lead(
     )
     .bind(crm_account)
     .bind(lead_id)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await?;
     Ok(row.map(|r| {
         (

@@ -63,6 +63,12 @@ pub enum Finish {
     },
     /// Given back unfinished (shutdown); not counted as a failure.
     Released,
+    /// Back to pending until `run_at`, waiting for a precondition (stored as
+    /// its last error); not counted as a failure.
+    Waiting {
+        run_at: DateTime<Utc>,
+        reason: String,
+    },
 }
 
 impl Finish {
@@ -71,7 +77,7 @@ impl Finish {
             Finish::Success => "success",
             Finish::Retry { .. } => "retry",
             Finish::Dead { .. } => "dead",
-            Finish::Released => "released",
+            Finish::Released | Finish::Waiting { .. } => "released",
         }
     }
 }
@@ -337,7 +343,7 @@ async fn finish_unsuccessful(
     let run_at: Vec<Option<DateTime<Utc>>> = batch
         .iter()
         .map(|c| match &c.finish {
-            Finish::Retry { run_at, .. } => Some(*run_at),
+            Finish::Retry { run_at, .. } | Finish::Waiting { run_at, .. } => Some(*run_at),
             _ => None,
         })
         .collect();
@@ -345,6 +351,7 @@ async fn finish_unsuccessful(
         .iter()
         .map(|c| match &c.finish {
             Finish::Retry { error, .. } | Finish::Dead { error } => Some(error.as_str()),
+            Finish::Waiting { reason, .. } => Some(reason.as_str()),
             Finish::Success | Finish::Released => None,
         })
         .collect();
@@ -647,6 +654,19 @@ pub async fn release_targets(pool: &PgPool, owner: &str) -> Result<u64, StoreErr
     .execute(pool)
     .await?;
     Ok(result.rows_affected())
+}
+
+/// Makes pending jobs that wait with a reason starting with `reason_prefix`
+/// due now (their precondition came true). Returns how many.
+pub async fn release_waiting(pool: &PgPool, reason_prefix: &str) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "UPDATE outbox_jobs SET run_at = NULL, updated_at = now()
+         WHERE state = 'pending' AND run_at IS NOT NULL AND starts_with(last_error, $1)",
+    )
+    .bind(reason_prefix)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// Makes sure targets have lease rows (so the engine shares and leases them

@@ -151,7 +151,10 @@ async fn write_creates(client: &AmoClient, batch: Vec<CreateWaiter>) {
         // alone so only the bad one fails.
         Err(AmoError::Validation(_)) if batch.len() > 1 => {
             for (lead, tx) in batch {
-                let result = match client.create_leads_complex(std::slice::from_ref(&lead)).await {
+                let result = match client
+                    .create_leads_complex(std::slice::from_ref(&lead))
+                    .await
+                {
                     Ok(created) => created
                         .into_iter()
                         .next()

@@ -42,8 +42,13 @@ pub enum ToCrmError {
     NoOrder(String),
     #[error("shop `{0}` has no map in force")]
     NoMap(String),
-    #[error("the map of shop `{shop}` has not been resolved against the CRM yet (it did not answer at load)")]
-    MapOffline { shop: String },
+    /// Starts with [`crate::mapping::UNRESOLVED`]: released when the maps resolve.
+    #[error("maps unresolved: the map of shop `{shop}` is not resolved against CRM account `{crm_account}` ({why}); nothing is written to it until it is")]
+    MapOffline {
+        shop: String,
+        crm_account: String,
+        why: String,
+    },
     #[error("status `{status}` of order {code} has no row in the map of shop `{shop}`")]
     Unmapped {
         shop: String,
@@ -139,7 +144,15 @@ impl Handler for CrmSyncHandler {
             return Err(ToCrmError::NoClient(crm_account.clone()));
         };
         if !map.online {
-            return Err(ToCrmError::MapOffline { shop });
+            return Err(ToCrmError::MapOffline {
+                why: maps
+                    .unresolved
+                    .get(crm_account)
+                    .cloned()
+                    .unwrap_or_else(|| "not resolved yet".into()),
+                shop,
+                crm_account: crm_account.clone(),
+            });
         }
         let route = map
             .route(order.status.as_str())
@@ -152,7 +165,13 @@ impl Handler for CrmSyncHandler {
             Route::Stage {
                 stage_id: Some(id), ..
             } => map.pipeline_id.map(|p| (p, *id)),
-            Route::Stage { stage_id: None, .. } => return Err(ToCrmError::MapOffline { shop }),
+            Route::Stage { stage_id: None, .. } => {
+                return Err(ToCrmError::MapOffline {
+                    why: "a stage has no id".into(),
+                    shop,
+                    crm_account: crm_account.clone(),
+                })
+            }
             Route::Ignore => None,
         };
         match links::get(&self.pool, order_id).await? {
@@ -187,9 +206,12 @@ impl Handler for CrmSyncHandler {
             ToCrmError::Write(e) => e.classify(),
             ToCrmError::Store(e) => RetryAction::retry(e.to_string()),
             // The map may resolve once the CRM answers or an admin fixes it.
-            ToCrmError::MapOffline { .. } | ToCrmError::NoMap(_) => {
-                RetryAction::retry(error.to_string())
-            }
+            // Not a failure: the job waits until the maps resolve (released then).
+            ToCrmError::MapOffline { .. } => RetryAction::Wait {
+                after: std::time::Duration::from_secs(30),
+                reason: error.to_string(),
+            },
+            ToCrmError::NoMap(_) => RetryAction::retry(error.to_string()),
             ToCrmError::BadPayload(_)
             | ToCrmError::NoOrder(_)
             | ToCrmError::Unmapped { .. }

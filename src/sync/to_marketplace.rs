@@ -62,6 +62,7 @@ pub async fn process_amocrm_inbox(
         if rows.is_empty() {
             return Ok(queued);
         }
+        let mut deferred = false;
         for row in &rows {
             let judged = judge(&mut tx, pool, maps, bridge_users, row).await?;
             if judged == Judged::Action {
@@ -69,10 +70,14 @@ pub async fn process_amocrm_inbox(
             }
             metrics::counter!("orderbridge_crm_changes_total", "outcome" => judged.label())
                 .increment(1);
+            if judged == Judged::Deferred {
+                deferred = true;
+                continue;
+            }
             inbox::mark_processed_as(&mut tx, row.id, Some(&judged.outcome())).await?;
         }
         tx.commit().await?;
-        if (rows.len() as i64) < CLAIM {
+        if deferred || (rows.len() as i64) < CLAIM {
             return Ok(queued);
         }
     }
@@ -95,6 +100,8 @@ enum Judged {
     CodeCheck,
     /// Nothing to do, and why.
     Ignored(String),
+    /// Not judged now (the shop's map is not resolved): stays in the inbox.
+    Deferred,
 }
 
 impl Judged {
@@ -107,6 +114,7 @@ impl Judged {
             Judged::Stale => "stale",
             Judged::CodeCheck => "code_check",
             Judged::Ignored(_) => "ignored",
+            Judged::Deferred => "deferred",
         }
     }
 
@@ -130,13 +138,17 @@ async fn judge(
         return Ok(Judged::Ignored("the change names no lead".into()));
     };
     let Some((marketplace, shop, external_id, link)) =
-        links::by_lead(pool, &row.account, lead_id).await?
+        links::by_lead_in(tx, &row.account, lead_id).await?
     else {
         tracing::debug!(crm_account = %row.account, lead_id, "A change of a lead the bridge does not know; ignored.");
         return Ok(Judged::Ignored(format!(
             "lead {lead_id} is not linked to any order"
         )));
     };
+    if maps.current().shops.get(&shop).is_some_and(|m| !m.online) {
+        // The map cannot tell stages apart yet: judged once it resolves.
+        return Ok(Judged::Deferred);
+    }
     // Changes of one lead are judged one after another, across replicas.
     let Some(state) = links::lock_state(tx, link.order_id).await? else {
         return Ok(Judged::Ignored("the link vanished".into()));

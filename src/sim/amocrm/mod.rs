@@ -284,6 +284,19 @@ impl AmoSim {
         self.lock().add_pipeline(name, stages)
     }
 
+    /// The account's pipelines with their stages (id, name), as seeded.
+    pub fn pipelines(&self) -> Vec<SimPipeline> {
+        self.lock()
+            .pipelines
+            .iter()
+            .map(|p| SimPipeline {
+                id: p.id,
+                name: p.name.clone(),
+                stages: p.statuses.iter().map(|s| (s.id, s.name.clone())).collect(),
+            })
+            .collect()
+    }
+
     pub fn seed_user(&self, name: &str) -> u64 {
         self.lock().add_user(name)
     }
@@ -314,6 +327,30 @@ impl AmoSim {
             let mut st = self.lock();
             let Some(change) = st.move_lead(lead_id, pipeline_id, status_id, user_id) else {
                 tracing::warn!(lead_id, "simulated manager moved an unknown lead");
+                return;
+            };
+            st.hook_jobs(&[change])
+        };
+        hooks::spawn_all(self.shared(), jobs);
+    }
+
+    /// A manager types a value into a lead's text field in the UI: the lead
+    /// changes and `update_lead` webhooks fire. An unknown lead or field is ignored.
+    pub fn manager_sets_lead_field(
+        &self,
+        lead_id: u64,
+        field_name: &str,
+        value: &str,
+        user_id: u64,
+    ) {
+        let jobs = {
+            let mut st = self.lock();
+            let Some(change) = st.set_lead_text_field(lead_id, field_name, value, user_id) else {
+                tracing::warn!(
+                    lead_id,
+                    field_name,
+                    "simulated manager edited an unknown lead or field"
+                );
                 return;
             };
             st.hook_jobs(&[change])

@@ -583,6 +583,36 @@ impl State {
         })
     }
 
+    /// A manager types `value` into the lead's text field `field_name`: the lead
+    /// changes (`updated_at`, `updated_by`); an `update` change is returned for
+    /// the webhooks. `None` for an unknown lead or field.
+    pub fn set_lead_text_field(
+        &mut self,
+        lead_id: u64,
+        field_name: &str,
+        value: &str,
+        by_user: u64,
+    ) -> Option<LeadChange> {
+        let field = self.lead_fields.iter().find(|f| f.name == field_name)?;
+        let entry = serde_json::json!({
+            "field_id": field.id, "field_name": field.name, "field_code": field.code,
+            "field_type": field.field_type, "values": [{ "value": value }],
+        });
+        let id = field.id;
+        let lead = self.leads.get_mut(&lead_id)?;
+        super::fields::merge_fields(&mut lead.fields, vec![(id, Some(entry))]);
+        lead.updated_at = now_ts();
+        lead.updated_by = by_user;
+        Some(LeadChange {
+            lead_id,
+            created: false,
+            status_changed: false,
+            old_status: lead.status_id,
+            old_pipeline: lead.pipeline_id,
+            by_user,
+        })
+    }
+
     /// The webhook POSTs these changes cause: one per enabled webhook that
     /// subscribed to any of them, items numbered `[0]`, `[1]`, … per action.
     pub fn hook_jobs(&self, changes: &[LeadChange]) -> Vec<HookJob> {
