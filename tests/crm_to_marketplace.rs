@@ -97,6 +97,7 @@ subdomain = "example"
 account_id = 31361463
 webhook_secret = "{HOOK_SECRET}"
 events_poll_interval = "1s"
+webhook_check_interval = "2s"
 {api_user}
 [crm_accounts.main.auth]
 mode = "long_lived"
@@ -225,6 +226,20 @@ async fn the_daemon_subscribes_its_webhook_and_completes_a_kaspi_order_in_two_st
                         .iter()
                         .all(|s| h.settings.iter().any(|x| x == s))
             })
+        },
+    )
+    .await;
+    // amoCRM disables the webhook (too many failed deliveries): the daemon re-subscribes it.
+    let destination = format!("http://127.0.0.1:{port}/hooks/amocrm/{HOOK_SECRET}");
+    w.amo.set_webhook_disabled(&destination, true);
+    wait_for(
+        "the webhook is enabled again",
+        Duration::from_secs(20),
+        || async {
+            w.amo
+                .webhooks()
+                .iter()
+                .any(|h| h.destination == destination && !h.disabled)
         },
     )
     .await;
@@ -357,7 +372,10 @@ async fn without_a_public_url_the_events_poll_carries_moves_and_conflicts_are_mo
     .await;
     assert_eq!(w.kaspi_posts(), 0);
 
-    // Accept, through the events poll.
+    // Accept, through the events poll, which first reads two malformed pages: the
+    // rounds fail, the cursor stays, and the next round still finds the move.
+    w.amo
+        .inject(orderbridge::sim::amocrm::Fault::MalformedBody, 2);
     let moved = Instant::now();
     w.amo
         .manager_moves_lead(lead.id, pipeline, working, w.manager);

@@ -47,53 +47,6 @@ pub async fn insert(pool: &PgPool, link: &Link) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Records the stage the bridge just set on a lead.
-pub async fn set_pushed(
-    pool: &PgPool,
-    order_id: i64,
-    pipeline_id: i64,
-    status_id: i64,
-) -> Result<(), StoreError> {
-    let mut conn = pool.acquire().await?;
-    set_pushed_in(&mut conn, order_id, pipeline_id, status_id, false).await
-}
-
-/// Serialises contact de-duplication for one phone/email until the caller's
-/// transaction ends: two orders of one new customer make one contact.
-pub async fn lock_contact_key(
-    conn: &mut PgConnection,
-    crm_account: &str,
-    key: &str,
-) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(format!("contact:{crm_account}:{key}"))
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// Records the lead's stage inside the caller's transaction: set by the bridge,
-/// or (`by_manager`) where a manager moved it.
-pub async fn set_pushed_in(
-    conn: &mut PgConnection,
-    order_id: i64,
-    pipeline_id: i64,
-    status_id: i64,
-    by_manager: bool,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE crm_links SET pushed_pipeline_id = $2, pushed_status_id = $3, manager_moved = $4, pushed_at = now()
-         WHERE order_id = $1",
-    )
-    .bind(order_id)
-    .bind(pipeline_id)
-    .bind(status_id)
-    .bind(by_manager)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
 /// A known contact with this phone or email.
 pub async fn find_contact(
     conn: &mut PgConnection,

@@ -89,6 +89,8 @@ pub enum Fault {
     TooManyRequests,
     /// 504 with an nginx HTML page.
     GatewayTimeout,
+    /// 200 with a truncated HAL body (not JSON).
+    MalformedBody,
 }
 
 /// A pipeline as seeded: stages in order, incoming first, then 142 and 143 last.

@@ -137,6 +137,10 @@ fn decide(
             Fault::ConnectionReset => Front::Drop,
             Fault::TooManyRequests => Front::Answer(too_many()),
             Fault::GatewayTimeout => Front::Answer(Reply::html(504, "Gateway Time-out")),
+            Fault::MalformedBody => Front::Answer(Reply {
+                status: 200,
+                body: Body::Broken(r#"{"_page":1,"_embedded":{"events":[{"id":"01"#.into()),
+            }),
         };
     }
     let now = Instant::now();
@@ -292,6 +296,7 @@ fn respond(reply: Reply, request_id: &str) -> Response {
         Body::Problem(v) => (Some("application/problem+json"), v.to_string()),
         Body::ProblemText(s) => (Some("application/problem+json"), s),
         Body::Html(s) => (Some("text/html"), s),
+        Body::Broken(s) => (Some("application/hal+json"), s),
         Body::Empty => (None, String::new()),
     };
     if let Some(ct) = content_type {

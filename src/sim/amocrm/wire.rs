@@ -14,6 +14,8 @@ pub(super) enum Body {
     ProblemText(String),
     /// `text/html` (nginx pages)
     Html(String),
+    /// `application/hal+json` that is not JSON (a truncated answer).
+    Broken(String),
     /// No body (204).
     Empty,
 }
