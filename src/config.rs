@@ -91,6 +91,10 @@ pub struct OutboxSettings {
     pub target_lease_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// A pending job of a kind no handler of this build runs is dead-lettered
+    /// (with that reason) once it is this old; covers a rolling deploy.
+    #[serde(with = "humantime_serde", default = "default_unhandled_grace")]
+    pub unhandled_grace: Duration,
     pub retry: RetrySettings,
     /// Quotas by target key, e.g. `"amocrm:main"`. Targets not listed are not limited
     /// unless an account declares its own quota.
@@ -176,6 +180,10 @@ pub struct CrmAccount {
     /// is best): a change by anyone else is a manager's, never an echo.
     #[serde(default)]
     pub api_user_id: Option<u64>,
+}
+
+fn default_unhandled_grace() -> Duration {
+    Duration::from_secs(15 * 60)
 }
 
 fn default_events_overlap() -> Duration {

@@ -125,6 +125,19 @@ pub async fn run_until(
             ),
         )
         .handler(
+            crate::sync::avito_leads::MESSENGER_LEAD_KIND,
+            crate::sync::messenger_leads::MessengerLeadHandler {
+                pool: pool.clone(),
+                clients: crm_clients.clone(),
+                maps: maps.clone(),
+                shop_crm: settings
+                    .shops
+                    .iter()
+                    .map(|(name, shop)| (name.clone(), shop.crm_account.clone()))
+                    .collect(),
+            },
+        )
+        .handler(
             crate::sync::to_marketplace::MARKETPLACE_ACTION_KIND,
             crate::sync::to_marketplace::MarketplaceActionHandler {
                 pool: pool.clone(),

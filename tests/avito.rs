@@ -470,14 +470,23 @@ async fn a_buyers_first_message_becomes_one_lead_with_the_item_and_the_buyer() {
     let jobs = orderbridge::store::outbox::jobs_in_state(&db.pool, "pending")
         .await
         .unwrap();
-    assert_eq!(jobs.len(), 1, "one lead per chat");
-    let lead = &jobs[0].payload;
-    assert_eq!(jobs[0].kind, avito_leads::MESSENGER_LEAD_KIND);
+    assert_eq!(jobs.len(), 2, "one lead intent and one note intent");
+    let (leads, notes): (Vec<_>, Vec<_>) = jobs
+        .iter()
+        .partition(|j| j.payload["note_only"].as_bool() != Some(true));
+    assert_eq!((leads.len(), notes.len()), (1, 1), "one lead per chat");
+    assert_eq!(notes[0].payload["text"], "Когда?");
+    assert_eq!(
+        notes[0].ordering_key, leads[0].ordering_key,
+        "the note runs after the lead"
+    );
+    let lead = &leads[0].payload;
+    assert_eq!(leads[0].kind, avito_leads::MESSENGER_LEAD_KIND);
     assert_eq!(lead["chat_id"], "u2i-chat-7");
     assert_eq!(lead["item_title"], "iPhone 13 Pro 256");
     assert!(lead["item_url"].as_str().is_some_and(|u| !u.is_empty()));
     assert_eq!(lead["buyer_name"], "Ivan");
-    assert_eq!(lead["first_message"], "Выкупите?");
+    assert_eq!(lead["text"], "Выкупите?");
     assert_eq!(
         count(
             &db.pool,

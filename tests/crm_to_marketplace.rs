@@ -738,6 +738,45 @@ async fn echoes_late_twice_out_of_order_or_racing_the_patch_never_act_and_a_mana
     })
     .await;
     assert_eq!(w.kaspi_posts(), 1, "one cancel");
+
+    // The bridge begins a push; a manager's move is recorded meanwhile; the push's
+    // answer does not overwrite the manager's move on record.
+    let order_id: i64 = sqlx::query_scalar("SELECT order_id FROM crm_links WHERE lead_id = $1")
+        .bind(lead_i)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let intended = orderbridge::store::links::record_push(
+        pool,
+        "main",
+        lead_i,
+        pipeline as i64,
+        working as i64,
+    )
+    .await
+    .unwrap();
+    w.amo.manager_moves_lead(lead.id, pipeline, new, w.manager);
+    wait_for("the manager's move is on record", Duration::from_secs(20), || async {
+        count(pool, &format!("SELECT count(*) FROM crm_links WHERE order_id = {order_id} AND pushed_status_id = {new} AND manager_moved")).await == 1
+    })
+    .await;
+    let recorded = orderbridge::store::links::set_pushed_since(
+        pool,
+        order_id,
+        pipeline as i64,
+        working as i64,
+        intended,
+    )
+    .await
+    .unwrap();
+    assert!(
+        !recorded,
+        "the older push does not overwrite the manager's move"
+    );
+    assert_eq!(
+        count(pool, &format!("SELECT count(*) FROM crm_links WHERE order_id = {order_id} AND pushed_status_id = {new} AND manager_moved")).await,
+        1
+    );
     stop.cancel();
     task.await.unwrap();
     let World { db, .. } = w;

@@ -685,6 +685,48 @@ async fn a_permanent_failure_is_dead_lettered_at_once_and_can_be_replayed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_no_handler_runs_is_dead_lettered_with_the_reason_after_the_grace() {
+    let db = fresh_db().await;
+    let mut config = test_config();
+    config.unhandled_grace = Duration::from_secs(2);
+    let running = start(
+        Engine::builder(db.pool.clone(), config)
+            .handler("push", FnHandler(|_job: JobContext| async { Ok(()) })),
+    );
+    enqueue_all(
+        &db.pool,
+        &[
+            job("push", "t", "order-1", json!({})),
+            job("retired-kind", "t", "order-2", json!({})),
+        ],
+    )
+    .await;
+    // Within the grace it waits (a newer replica may have the handler).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let waiting = store::job(&db.pool, 2).await.unwrap().unwrap();
+    assert_eq!(waiting.state, "pending");
+    wait_for(
+        "the unhandled job is dead",
+        Duration::from_secs(10),
+        || async { store::list_dead(&db.pool, 10).await.unwrap().len() == 1 },
+    )
+    .await;
+    let dead = store::list_dead(&db.pool, 10).await.unwrap();
+    let error = dead[0].last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("no handler for kind `retired-kind` in this build"),
+        "{error}"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await,
+        1,
+        "the handled job ran"
+    );
+    running.stop().await;
+    db.drop_now().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_retried_and_the_worker_lives_on() {
     let db = fresh_db().await;
     let calls = Arc::new(AtomicUsize::new(0));

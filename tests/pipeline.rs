@@ -480,3 +480,76 @@ async fn lost_webhooks_are_caught_by_the_events_poll_and_a_final_status_wins_wit
     let Bridge { db, .. } = b;
     db.drop_now().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_created_before_a_crash_is_found_by_its_exact_code_not_by_a_lookalike() {
+    use orderbridge::connectors::amocrm::{FieldInput, FieldValue, NewLead};
+    let b = bridge().await;
+    let (db, kaspi, amo, maps) = (&b.db, &b.kaspi, &b.amo, &b.maps);
+    let routing = maps.current().shops["kaspi_main"].clone();
+    let code_field = routing.fields["order_code"].1.unwrap();
+    let new_stage = match routing.route("new") {
+        Some(Route::Stage {
+            stage_id: Some(id), ..
+        }) => *id,
+        other => panic!("{other:?}"),
+    };
+    // A decoy: another order's lead whose name and code contain "1234".
+    b.clients["main"]
+        .create_leads(&[NewLead {
+            request_id: "decoy".into(),
+            name: "Kaspi 12345".into(),
+            price: None,
+            pipeline_id: routing.pipeline_id.unwrap(),
+            status_id: new_stage,
+            responsible_user_id: None,
+            fields: vec![FieldValue {
+                field_id: code_field,
+                values: vec![FieldInput::Text("12345".into())],
+            }],
+            tags: vec![],
+            contact_ids: vec![],
+        }])
+        .await
+        .unwrap();
+    let decoy = amo.leads()[0].id;
+    let engine = start(
+        Engine::builder(db.pool.clone(), test_config())
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+    );
+    let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
+    kaspi.create_order(SimOrderSpec {
+        customer_phone: String::new(),
+        ..SimOrderSpec::new("1234", chrono::Utc::now().timestamp_millis() - 60_000)
+    });
+    // amoCRM creates the lead, but its answer is lost: the job cannot know.
+    amo.inject(orderbridge::sim::amocrm::Fault::LoseAnswer, 1);
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for("the intent is done", Duration::from_secs(30), || async {
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    let leads = amo.leads();
+    assert_eq!(
+        leads.len(),
+        2,
+        "the decoy and one lead for order 1234: {leads:?}"
+    );
+    let mine = leads.iter().find(|l| l.id != decoy).unwrap();
+    let linked: i64 = sqlx::query_scalar("SELECT lead_id FROM crm_links")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        linked as u64, mine.id,
+        "linked to its own lead, not the decoy"
+    );
+    let attempts: i64 = count(&db.pool, "SELECT count(*) FROM outbox_attempts").await;
+    assert!(
+        attempts >= 2,
+        "the first attempt failed, a retry found the lead"
+    );
+    engine.stop().await;
+    let Bridge { db, .. } = b;
+    db.drop_now().await.unwrap();
+}

@@ -110,6 +110,7 @@ pub fn bench_engine_config(concurrency: usize, claim_batch: u32) -> EngineConfig
         shutdown_deadline: Duration::from_secs(5),
         target_lease_ttl: Duration::from_secs(30),
         heartbeat_interval: Duration::from_secs(5),
+        unhandled_grace: Duration::from_secs(15 * 60),
         schedule: RetrySchedule::new(&RetrySettings {
             schedule: vec![Duration::from_secs(1)],
             jitter: 0.0,

@@ -20,6 +20,22 @@ pub struct MapFile {
     /// What goes into the lead: its name, tags and custom fields.
     #[serde(default)]
     pub lead: Option<Spanned<LeadDef>>,
+    /// Avito only: leads from buyers' first messages in the messenger.
+    #[serde(default)]
+    pub messenger: Option<Spanned<MessengerDef>>,
+}
+
+/// Messenger leads: a buyer's first message in a chat becomes a lead in
+/// `stage` of the map's pipeline, named by `name`, with `tags`; the item's
+/// title and link go into the `[lead.fields]` slots `item_title` and `item_url`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessengerDef {
+    pub stage: Spanned<toml::Value>,
+    /// e.g. `"Avito: {item}"`; placeholders: see `validate::MESSENGER_FIELDS`.
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// The lead's name template, tags, and which order data goes into which amoCRM field.

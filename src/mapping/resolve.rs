@@ -42,6 +42,16 @@ pub struct Role {
     pub pick: String,
 }
 
+/// Where messenger leads go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessengerRoute {
+    pub stage: String,
+    /// The stage's id in the CRM, once resolved online.
+    pub stage_id: Option<u64>,
+    pub name: String,
+    pub tags: Vec<String>,
+}
+
 /// A map ready to route by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingMap {
@@ -57,6 +67,8 @@ pub struct RoutingMap {
     pub fields: BTreeMap<String, (String, Option<u64>)>,
     /// Slot → marketplace value → (option label, enum id once resolved).
     pub enums: BTreeMap<String, BTreeMap<String, (String, Option<u64>)>>,
+    /// Messenger leads (Avito maps with a `[messenger]` section).
+    pub messenger: Option<MessengerRoute>,
     /// Every name above has its id.
     pub online: bool,
 }
@@ -155,6 +167,15 @@ impl RoutingMap {
                     )
                 })
                 .collect(),
+            messenger: map.messenger.as_ref().map(|m| {
+                let m = m.get_ref();
+                MessengerRoute {
+                    stage: value_text(m.stage.get_ref()),
+                    stage_id: None,
+                    name: m.name.get_ref().clone(),
+                    tags: m.tags.clone(),
+                }
+            }),
             online: false,
         }
     }
@@ -283,6 +304,26 @@ pub fn resolve_online(
                     "pipeline `{}` has no stage `{}`; its stages are: {}",
                     pipeline.name,
                     stage.get_ref().trim(),
+                    stage_names()
+                ),
+            ),
+        }
+    }
+    if let Some(messenger) = &map.messenger {
+        let stage = messenger.get_ref().stage.get_ref();
+        let name = value_text(stage);
+        match stage_id(&name) {
+            Some(id) => {
+                if let Some(route) = routing.messenger.as_mut() {
+                    route.stage_id = Some(id);
+                }
+            }
+            None => bad(
+                messenger.get_ref().stage.span(),
+                "messenger.stage".into(),
+                format!(
+                    "pipeline `{}` has no stage `{name}`; its stages are: {}",
+                    pipeline.name,
                     stage_names()
                 ),
             ),

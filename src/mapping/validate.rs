@@ -160,6 +160,9 @@ pub const FIELD_SLOTS: &[&str] = &[
 /// Placeholders of the lead name template.
 pub const TEMPLATE_FIELDS: &[&str] = &["code", "total", "customer", "marketplace", "shop"];
 
+/// Placeholders of the messenger lead name template.
+pub const MESSENGER_FIELDS: &[&str] = &["item", "buyer", "shop"];
+
 /// The `{placeholders}` of a template.
 pub fn placeholders(template: &str) -> Vec<&str> {
     template
@@ -397,12 +400,49 @@ pub fn validate(file: &str, text: &str, map: &MapFile, rules: &MarketplaceRules)
                 );
             }
         }
+        if !lead.fields.keys().any(|f| f.get_ref() == "order_code") {
+            bad(
+                lead.name.span(),
+                "lead.fields.order_code".into(),
+                "is required: the bridge finds a lead again by the order code in this field after a crash (add `order_code = \"<field name>\"` under [lead.fields])".into(),
+            );
+        }
         for slot in lead.enums.keys() {
             if !lead.fields.keys().any(|f| f.get_ref() == slot.get_ref()) {
                 bad(
                     slot.span(),
                     format!("lead.enums.{}", slot.get_ref()),
                     "has option labels but no field in [lead.fields] to put them in".into(),
+                );
+            }
+        }
+    }
+    // Messenger leads: Avito only; known placeholders.
+    if let Some(messenger) = &map.messenger {
+        if rules.name != "Avito" {
+            bad(
+                messenger.span(),
+                "messenger".into(),
+                format!(
+                    "{} has no messenger; only Avito maps take a [messenger] section",
+                    rules.name
+                ),
+            );
+        }
+        let m = messenger.get_ref();
+        for name in placeholders(m.name.get_ref()) {
+            if !MESSENGER_FIELDS.contains(&name) {
+                bad(
+                    m.name.span(),
+                    "messenger.name".into(),
+                    format!(
+                        "`{{{name}}}` is not a placeholder; use: {}",
+                        MESSENGER_FIELDS
+                            .iter()
+                            .map(|f| format!("{{{f}}}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 );
             }
         }

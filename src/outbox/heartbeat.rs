@@ -109,6 +109,21 @@ async fn beat(shared: &Shared, with_gauges: bool) -> Result<(), StoreError> {
     if gained || reaped > 0 {
         shared.wake.notify_one();
     }
+    if with_gauges && !held.is_empty() {
+        let dead = store::dead_letter_unhandled(
+            &shared.pool,
+            &held,
+            &shared.kinds,
+            shared.config.unhandled_grace,
+        )
+        .await?;
+        if dead > 0 {
+            tracing::error!(jobs = dead, grace_s = shared.config.unhandled_grace.as_secs(),
+                "Dead-lettered jobs of a kind no handler in this build runs (see `orderbridge dlq list`).");
+            metrics::counter!("orderbridge_outbox_dead_lettered_total", "kind" => "unhandled")
+                .increment(dead);
+        }
+    }
     if with_gauges {
         for (state, count) in store::depth(&shared.pool).await? {
             metrics::gauge!("orderbridge_outbox_jobs", "state" => state).set(count as f64);

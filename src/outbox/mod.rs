@@ -103,6 +103,8 @@ pub struct EngineConfig {
     pub shutdown_deadline: Duration,
     pub target_lease_ttl: Duration,
     pub heartbeat_interval: Duration,
+    /// Pending jobs of a kind without a handler here are dead-lettered after this.
+    pub unhandled_grace: Duration,
     pub schedule: RetrySchedule,
 }
 
@@ -117,6 +119,7 @@ impl EngineConfig {
             shutdown_deadline: settings.shutdown_deadline,
             target_lease_ttl: settings.target_lease_ttl,
             heartbeat_interval: settings.heartbeat_interval,
+            unhandled_grace: settings.unhandled_grace,
             schedule: RetrySchedule::new(&settings.retry),
         }
     }

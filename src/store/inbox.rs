@@ -149,3 +149,59 @@ pub async fn claim_avito_chat(
     .await?;
     Ok(inserted.rows_affected() == 1)
 }
+
+/// The CRM lead a messenger chat became, once it has one.
+pub async fn chat_lead(
+    pool: &PgPool,
+    account: &str,
+    chat_id: &str,
+) -> Result<Option<i64>, StoreError> {
+    let lead: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT lead_id FROM avito_chats WHERE account = $1 AND chat_id = $2")
+            .bind(account)
+            .bind(chat_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(lead.flatten())
+}
+
+/// Records the lead (and contact) a messenger chat became.
+pub async fn set_chat_lead(
+    pool: &PgPool,
+    account: &str,
+    chat_id: &str,
+    crm_account: &str,
+    lead_id: i64,
+    contact_id: Option<i64>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE avito_chats SET crm_account = $3, lead_id = $4, contact_id = $5
+         WHERE account = $1 AND chat_id = $2",
+    )
+    .bind(account)
+    .bind(chat_id)
+    .bind(crm_account)
+    .bind(lead_id)
+    .bind(contact_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The CRM contact an Avito buyer already has from another chat.
+pub async fn buyer_contact(
+    pool: &PgPool,
+    account: &str,
+    buyer_id: i64,
+) -> Result<Option<i64>, StoreError> {
+    let id = sqlx::query_scalar(
+        "SELECT contact_id FROM avito_chats
+         WHERE account = $1 AND buyer_id = $2 AND contact_id IS NOT NULL
+         ORDER BY created_at LIMIT 1",
+    )
+    .bind(account)
+    .bind(buyer_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(id)
+}

@@ -656,6 +656,39 @@ pub async fn release_targets(pool: &PgPool, owner: &str) -> Result<u64, StoreErr
     Ok(result.rows_affected())
 }
 
+/// Dead-letters pending jobs of `targets` whose kind none of `kinds` is, once
+/// they are older than `grace` (a rolling deploy's newer replica, which has
+/// the handler, had that long to take them), with a reason that says so.
+/// Returns how many.
+pub async fn dead_letter_unhandled(
+    pool: &PgPool,
+    targets: &[String],
+    kinds: &[String],
+    grace: std::time::Duration,
+) -> Result<u64, StoreError> {
+    let grace_s = grace.as_secs_f64();
+    let rows: Vec<i64> = sqlx::query_scalar(
+        "WITH dead AS (
+             UPDATE outbox_jobs
+             SET state = 'dead', updated_at = now(),
+                 last_error = format('no handler for kind `%s` in this build: no replica ran it within %s s of its creation', kind, $3::float8::text)
+             WHERE state = 'pending' AND target = ANY($1) AND NOT (kind = ANY($2))
+               AND created_at < now() - make_interval(secs => $3)
+             RETURNING id, attempts, kind, target, ordering_key, last_error
+         )
+         INSERT INTO outbox_attempts (job_id, attempt, kind, target, ordering_key, started_at, finished_at, outcome, error)
+         SELECT id, attempts, kind, target, ordering_key, now(), now(), 'dead', last_error FROM dead
+         ON CONFLICT DO NOTHING
+         RETURNING job_id",
+    )
+    .bind(targets)
+    .bind(kinds)
+    .bind(grace_s)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.len() as u64)
+}
+
 /// Makes pending jobs that wait with a reason starting with `reason_prefix`
 /// due now (their precondition came true). Returns how many.
 pub async fn release_waiting(pool: &PgPool, reason_prefix: &str) -> Result<u64, StoreError> {

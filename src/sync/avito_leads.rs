@@ -1,8 +1,9 @@
 //! Avito messenger leads: a buyer's message (from the webhook or the polling
 //! fallback over unread chats) is stored in the inbox, deduplicated by message
 //! id; the inbox processor turns a chat's first buyer message into one CRM lead
-//! intent carrying the item (title, price, URL) and the buyer, and marks later
-//! messages of that chat processed.
+//! intent carrying the item (title, price, URL), the buyer and the message,
+//! and each later message of that chat into a note intent (same kind, ordered
+//! per chat, so it runs after the lead exists); `sync::messenger_leads` runs them.
 
 use sqlx::PgPool;
 
@@ -126,13 +127,34 @@ pub async fn process_inbox(
                     "item_url": chat.item_url,
                     "buyer_id": author,
                     "buyer_name": buyer_name,
-                    "first_message": row.payload["text"],
+                    "message_id": message_id,
+                    "text": row.payload["text"],
                 }),
                 run_at: None,
             };
             crate::store::outbox::enqueue(&mut tx, &job).await?;
             queued += 1;
             tracing::info!(account = %client.account(), chat = %chat_id, "An Avito buyer's first message became a lead intent.");
+        } else {
+            // A later message: a note on the chat's lead, after the lead exists.
+            let job = NewJob {
+                kind: MESSENGER_LEAD_KIND.into(),
+                target: crm_target.to_string(),
+                ordering_key: format!("avito-chat:{}:{chat_id}", client.account()),
+                dedupe_key: Some(format!(
+                    "{MESSENGER_LEAD_KIND}:{}:{chat_id}:{message_id}",
+                    client.account()
+                )),
+                payload: serde_json::json!({
+                    "account": client.account(),
+                    "chat_id": chat_id,
+                    "message_id": message_id,
+                    "text": row.payload["text"],
+                    "note_only": true,
+                }),
+                run_at: None,
+            };
+            crate::store::outbox::enqueue(&mut tx, &job).await?;
         }
         inbox::mark_processed(&mut tx, row.id).await?;
         tx.commit().await.map_err(StoreError::from)?;

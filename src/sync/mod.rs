@@ -12,6 +12,7 @@ pub mod contact_index;
 pub mod crm_writer;
 pub mod ingest;
 pub mod kaspi_poll;
+pub mod messenger_leads;
 pub mod to_crm;
 pub mod to_marketplace;
 

@@ -328,14 +328,35 @@ impl CrmSyncHandler {
             .map(|p| p.as_e164().to_string());
         if recover {
             // After a crash between "lead created" and "link stored": find it again.
-            let existing = to
-                .client
-                .search_leads(&order.code)
-                .await?
-                .into_iter()
-                .find(|l| l.name.contains(&order.code) && l.pipeline_id == pipeline_id);
+            let existing = find_lead_by_code(to.client, to.map, &order.code).await?;
             if let Some(lead) = existing {
                 tracing::warn!(order = %order.code, lead_id = lead.id, "Found the order's lead by its code; linking it instead of creating a second one.");
+                if (lead.pipeline_id, lead.status_id) != (pipeline_id, status_id) {
+                    // Brought to the order's current stage before it is linked.
+                    links::record_push(
+                        &self.pool,
+                        to.crm_account,
+                        lead.id as i64,
+                        pipeline_id as i64,
+                        status_id as i64,
+                    )
+                    .await?;
+                    to.writer
+                        .update(LeadUpdate {
+                            id: lead.id,
+                            stage: Some((pipeline_id, status_id)),
+                            price: Some(order.total.major_rounded()),
+                            ..LeadUpdate::default()
+                        })
+                        .await
+                        .map_err(|e| match e {
+                            WriteError::Refused(reason) => ToCrmError::Refused {
+                                code: order.code.clone(),
+                                reason,
+                            },
+                            other => ToCrmError::Write(other),
+                        })?;
+                }
                 let contact_id = lead.contact_ids.first().copied();
                 if let Some(contact_id) = contact_id {
                     let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
@@ -478,6 +499,29 @@ fn stripe(crm_account: &str, key: &str) -> usize {
 }
 
 /// The lead's name from the map's template.
+/// The lead whose order-code field (the map's `order_code` slot) holds exactly
+/// `code`: amoCRM's full-text search narrows, the field decides ("1234" never
+/// matches a lead of order "12345", nor one whose name merely contains it).
+/// `None` when no lead has it, or the map names no order-code field.
+pub async fn find_lead_by_code(
+    client: &AmoClient,
+    map: &RoutingMap,
+    code: &str,
+) -> Result<Option<crate::connectors::amocrm::Lead>, AmoError> {
+    let Some((_, Some(field_id))) = map.fields.get("order_code") else {
+        tracing::warn!(
+            code,
+            "The map names no order-code field: a lead cannot be found again by its code."
+        );
+        return Ok(None);
+    };
+    Ok(client.search_leads(code).await?.into_iter().find(|lead| {
+        lead.fields
+            .iter()
+            .any(|(id, values)| id == field_id && values.iter().any(|v| v.trim() == code))
+    }))
+}
+
 fn lead_name(map: &RoutingMap, order: &Order) -> String {
     let template = map
         .lead_name

@@ -40,6 +40,7 @@ pub fn test_config() -> EngineConfig {
         shutdown_deadline: Duration::from_secs(2),
         target_lease_ttl: Duration::from_secs(2),
         heartbeat_interval: Duration::from_millis(100),
+        unhandled_grace: Duration::from_secs(600),
         schedule: schedule(&[100, 200], 0.0),
     }
 }

@@ -725,8 +725,20 @@ pub(super) fn list(st: &State, req: &Req) -> Reply {
         .filter(|l| st_pipeline.is_none_or(|p| l.pipeline_id as i64 == p))
         .filter(|l| st_status.is_none_or(|s| l.status_id as i64 == s))
         .filter(|l| {
-            text.as_ref()
-                .is_none_or(|t| l.name.to_lowercase().contains(t) || l.id.to_string() == *t)
+            // Full-text: the name, the id, and the custom fields' values.
+            text.as_ref().is_none_or(|t| {
+                l.name.to_lowercase().contains(t)
+                    || l.id.to_string() == *t
+                    || l.fields.iter().any(|f| {
+                        f["values"].as_array().is_some_and(|values| {
+                            values.iter().any(|v| {
+                                v["value"]
+                                    .as_str()
+                                    .is_some_and(|s| s.to_lowercase().contains(t))
+                            })
+                        })
+                    })
+            })
         })
         .collect();
     for (key, get) in [

@@ -91,6 +91,9 @@ pub enum Fault {
     GatewayTimeout,
     /// 200 with a truncated HAL body (not JSON).
     MalformedBody,
+    /// The request is carried out (a lead created, …), then the connection is
+    /// closed without an answer: the client cannot know it succeeded.
+    LoseAnswer,
 }
 
 /// A pipeline as seeded: stages in order, incoming first, then 142 and 143 last.

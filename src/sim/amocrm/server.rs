@@ -56,6 +56,11 @@ async fn handle(
     let (front, jobs) = {
         let mut st = shared.lock();
         let mut changes = Vec::new();
+        // The request is carried out, but its answer never arrives.
+        let lose_answer = matches!(st.faults.front(), Some(Fault::LoseAnswer));
+        if lose_answer {
+            st.faults.pop_front();
+        }
         let front = decide(
             &mut st,
             &method,
@@ -65,6 +70,7 @@ async fn handle(
             &body,
             &mut changes,
         );
+        let front = if lose_answer { Front::Drop } else { front };
         let status = match &front {
             Front::Answer(r) => r.status,
             Front::Hold => 504,
@@ -137,6 +143,8 @@ fn decide(
             Fault::ConnectionReset => Front::Drop,
             Fault::TooManyRequests => Front::Answer(too_many()),
             Fault::GatewayTimeout => Front::Answer(Reply::html(504, "Gateway Time-out")),
+            // Taken off the queue by `handle` before `decide` runs.
+            Fault::LoseAnswer => Front::Drop,
             Fault::MalformedBody => Front::Answer(Reply {
                 status: 200,
                 body: Body::Broken(r#"{"_page":1,"_embedded":{"events":[{"id":"01"#.into()),

@@ -1,0 +1,172 @@
+//! Avito messenger leads through the daemon as deployed (`run_until`): the
+//! Avito and amoCRM simulators over HTTP, a real PostgreSQL, the shipped Avito
+//! map. No webhook is registered: the unread-chats poll finds the messages.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use orderbridge::config::Settings;
+use orderbridge::sim::amocrm::{AmoSim, AmoSimConfig};
+use orderbridge::sim::avito::{AvitoSim, AvitoSimConfig};
+use tokio_util::sync::CancellationToken;
+
+const AMO_TOKEN: &str = "long-lived-messenger-token";
+
+fn settings(db: &str, amo: &AmoSim, avito: &AvitoSim) -> Settings {
+    let base = admin_url();
+    let (server, _) = base.rsplit_once('/').unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = AvitoSimConfig::default();
+    let text = format!(
+        r#"
+[database]
+url = "{server}/{db}"
+max_connections = 8
+[http]
+listen = "127.0.0.1:{port}"
+[telemetry]
+log_filter = "warn"
+[crm_accounts.main]
+base_url = "{amo}"
+events_poll_interval = "1s"
+[crm_accounts.main.auth]
+mode = "long_lived"
+token = "{AMO_TOKEN}"
+[shops.avito_main]
+marketplace = "avito"
+crm_account = "main"
+map = "config/maps/avito.toml"
+base_url = "{avito}"
+poll_interval = "1s"
+client_id = "{id}"
+client_secret = "{secret}"
+"#,
+        amo = amo.base_url(),
+        avito = avito.base_url(),
+        id = config.client_id,
+        secret = config.client_secret,
+    );
+    let dir = std::env::temp_dir().join(format!("orderbridge-{db}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("messenger.toml");
+    std::fs::write(&path, text).unwrap();
+    Settings::load_from(Some(&path), Vec::<(String, String)>::new()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyers_first_message_becomes_one_lead_and_later_ones_notes_on_it() {
+    let db = fresh_db().await;
+    let avito = AvitoSim::start(AvitoSimConfig::default()).await.unwrap();
+    let amo = AmoSim::start(AmoSimConfig {
+        long_lived_token: Some(AMO_TOKEN.into()),
+        ..AmoSimConfig::default()
+    })
+    .await
+    .unwrap();
+    seed_crm_from_map(&amo, std::path::Path::new("config/maps/avito.toml"), None);
+    let stop = CancellationToken::new();
+    let daemon = {
+        let (settings, stop) = (settings(&db.name, &amo, &avito), stop.clone());
+        tokio::spawn(async move {
+            if let Err(error) = orderbridge::daemon::run_until(settings, true, stop).await {
+                panic!("the daemon failed: {error}");
+            }
+        })
+    };
+    avito
+        .buyer_writes(
+            "u2i-chat-1",
+            1768287444,
+            "iPhone 13 Pro 256",
+            141906442,
+            "Ivan",
+            "Выкупите?",
+        )
+        .await;
+    wait_for("the chat's lead", Duration::from_secs(30), || async {
+        amo.leads().len() == 1 && amo.notes().iter().any(|n| n.text.contains("Выкупите?"))
+    })
+    .await;
+    let lead = amo.leads().remove(0);
+    assert_eq!(lead.name, "Avito: iPhone 13 Pro 256");
+    assert!(
+        lead.tags.iter().any(|t| t == "messenger"),
+        "{:?}",
+        lead.tags
+    );
+    let new = amo
+        .pipelines()
+        .into_iter()
+        .find(|p| p.name == "Avito")
+        .unwrap()
+        .stages
+        .into_iter()
+        .find(|(_, name)| name == "Новая заявка")
+        .unwrap()
+        .0;
+    assert_eq!(lead.status_id, new, "the map's messenger stage");
+    assert_eq!(lead.contact_ids.len(), 1, "linked to the buyer's contact");
+    let fields = lead.custom_fields_values.to_string();
+    assert!(
+        fields.contains("iPhone 13 Pro 256"),
+        "the item's title: {fields}"
+    );
+
+    // A later message in the chat: a note on the same lead, no second lead.
+    avito
+        .buyer_writes(
+            "u2i-chat-1",
+            1768287444,
+            "iPhone 13 Pro 256",
+            141906442,
+            "Ivan",
+            "Когда можно приехать?",
+        )
+        .await;
+    wait_for(
+        "the note on the same lead",
+        Duration::from_secs(30),
+        || async {
+            amo.notes()
+                .iter()
+                .any(|n| n.entity_id == lead.id && n.text.contains("Когда можно приехать?"))
+        },
+    )
+    .await;
+    // The same buyer about another item: a second lead, the same contact.
+    avito
+        .buyer_writes(
+            "u2i-chat-2",
+            1768287555,
+            "MacBook Air M2",
+            141906442,
+            "Ivan",
+            "А этот?",
+        )
+        .await;
+    wait_for(
+        "the second chat's lead",
+        Duration::from_secs(30),
+        || async { amo.leads().len() == 2 },
+    )
+    .await;
+    let second = amo.leads().into_iter().find(|l| l.id != lead.id).unwrap();
+    assert_eq!(
+        second.contact_ids, lead.contact_ids,
+        "one contact per buyer"
+    );
+    assert_eq!(amo.contacts().len(), 1);
+    wait_for("the queue drained", Duration::from_secs(20), || async {
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    stop.cancel();
+    daemon.await.unwrap();
+    db.drop_now().await.unwrap();
+}
