@@ -553,3 +553,84 @@ async fn a_lead_created_before_a_crash_is_found_by_its_exact_code_not_by_a_looka
     let Bridge { db, .. } = b;
     db.drop_now().await.unwrap();
 }
+
+/// Everything the crate logs in this test binary, as JSON lines.
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter("debug")
+            .with_writer(move || LogSink(sink.clone()))
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        logs
+    })
+    .clone()
+}
+
+struct LogSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_faults_on_contact_searches_leave_no_phone_in_attempts_or_logs() {
+    let logs = captured_logs();
+    let b = bridge().await;
+    let (db, kaspi, amo) = (&b.db, &b.kaspi, &b.amo);
+    let engine = start(
+        Engine::builder(db.pool.clone(), test_config())
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+    );
+    let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
+    let phones = ["7027770011", "7027770022", "7027770033"];
+    let now = chrono::Utc::now().timestamp_millis();
+    for (i, phone) in phones.iter().enumerate() {
+        kaspi.create_order(SimOrderSpec {
+            customer_phone: phone.to_string(),
+            ..SimOrderSpec::new(&format!("66000{i}"), now - 60_000)
+        });
+    }
+    // The first amoCRM calls (the contact searches, their URLs holding the
+    // phones) lose their connections.
+    amo.inject(orderbridge::sim::amocrm::Fault::ConnectionReset, 3);
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for("the intents are done", Duration::from_secs(30), || async {
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    assert_eq!(amo.leads().len(), 3);
+    let errors: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT error FROM outbox_attempts WHERE error IS NOT NULL")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(!errors.is_empty(), "the faults failed some attempts");
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
+    assert!(logs.contains("amoCRM"), "logs were captured");
+    for phone in phones {
+        for text in errors.iter().flatten() {
+            assert!(
+                !text.contains(phone),
+                "a phone in an attempt's error: {text}"
+            );
+        }
+        assert!(!logs.contains(phone), "a phone in the logs");
+    }
+    engine.stop().await;
+    let Bridge { db, .. } = b;
+    db.drop_now().await.unwrap();
+}

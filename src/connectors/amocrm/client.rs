@@ -283,7 +283,7 @@ impl AmoClient {
         if error.is_timeout() {
             AmoError::Timeout(self.inner.account.timeout)
         } else {
-            AmoError::Network(error.to_string())
+            AmoError::Network(crate::connectors::transport_error_text(error))
         }
     }
 

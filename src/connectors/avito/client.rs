@@ -242,7 +242,7 @@ impl AvitoClient {
         if error.is_timeout() {
             AvitoError::Timeout(self.inner.account.timeout)
         } else {
-            AvitoError::Network(error.to_string())
+            AvitoError::Network(crate::connectors::transport_error_text(error))
         }
     }
 

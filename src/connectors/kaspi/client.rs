@@ -211,7 +211,7 @@ impl KaspiClient {
         if error.is_timeout() {
             KaspiError::Timeout(self.shop.timeout)
         } else {
-            KaspiError::Network(error.to_string())
+            KaspiError::Network(crate::connectors::transport_error_text(error))
         }
     }
 
