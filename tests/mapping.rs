@@ -64,8 +64,13 @@ fn copy_of(name: &str) -> PathBuf {
 async fn the_shipped_maps_validate_online_and_resolve_every_name() {
     let db = fresh_db().await;
     let sim = sim().await;
-    seed_crm_from_map(&sim, Path::new("config/maps/kaspi.toml"), None);
-    seed_crm_from_map(&sim, Path::new("config/maps/avito.toml"), None);
+    seed_crm_from_maps(
+        &sim,
+        &[
+            Path::new("config/maps/kaspi.toml"),
+            Path::new("config/maps/avito.toml"),
+        ],
+    );
     let registry = MapRegistry::load(
         vec![
             source(
@@ -101,7 +106,84 @@ async fn the_shipped_maps_validate_online_and_resolve_every_name() {
     let assemble = kaspi.action_for_stage(None, "Готов к отгрузке").unwrap();
     assert_eq!(assemble.action, "assemble");
     assert!(assemble.stage_id.is_some());
-    assert!(maps.shops["avito_main"].online);
+    let avito = &maps.shops["avito_main"];
+    assert!(avito.online);
+    assert!(avito.enums["delivery_mode"]
+        .values()
+        .all(|(_, id)| id.is_some()));
+    assert!(avito
+        .messenger
+        .as_ref()
+        .is_some_and(|m| m.stage_id.is_some()));
+    db.drop_now().await.unwrap();
+}
+
+/// The shipped Avito map without its delivery options: raw values into a select.
+fn avito_writing_raw_delivery_values() -> PathBuf {
+    let path = copy_of("avito.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let start = text.find("[lead.enums.delivery_mode]").unwrap();
+    let end = text[start..]
+        .find("\n\n")
+        .map(|e| start + e)
+        .unwrap_or(text.len());
+    std::fs::write(&path, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maps_sharing_a_select_field_must_both_map_onto_its_options() {
+    let db = fresh_db().await;
+    let avito = avito_writing_raw_delivery_values();
+    let sources = || {
+        vec![
+            source(
+                "kaspi_main",
+                MarketplaceKind::Kaspi,
+                "config/maps/kaspi.toml".into(),
+            ),
+            source("avito_main", MarketplaceKind::Avito, avito.clone()),
+        ]
+    };
+    // Offline: the two maps disagree about the field.
+    let problems = MapRegistry::load(sources(), &BTreeMap::new())
+        .await
+        .err()
+        .expect("refused offline");
+    let problem = problems
+        .iter()
+        .find(|p| p.contains("Способ доставки"))
+        .unwrap_or_else(|| panic!("{problems:?}"));
+    assert!(
+        problem.contains("avito.toml")
+            && problem.contains("kaspi.toml")
+            && problem.contains("Kaspi Postomat"),
+        "names both maps, the field and the options: {problem}"
+    );
+    // Online: the field is a select in amoCRM; the raw values cannot go in.
+    let sim = sim().await;
+    seed_crm_from_maps(
+        &sim,
+        &[
+            Path::new("config/maps/kaspi.toml"),
+            Path::new("config/maps/avito.toml"),
+        ],
+    );
+    let problems = MapRegistry::load(
+        vec![source("avito_main", MarketplaceKind::Avito, avito.clone())],
+        &crm(&sim, &db.pool),
+    )
+    .await
+    .err()
+    .expect("refused online");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("lead.fields.delivery_mode")
+                && p.contains("is a select in amoCRM")
+                && p.contains("Пункт выдачи")),
+        "{problems:?}"
+    );
     db.drop_now().await.unwrap();
 }
 

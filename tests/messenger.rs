@@ -15,6 +15,11 @@ use tokio_util::sync::CancellationToken;
 const AMO_TOKEN: &str = "long-lived-messenger-token";
 
 fn settings(db: &str, amo: &AmoSim, avito: &AvitoSim) -> Settings {
+    settings_with(db, amo, avito, None)
+}
+
+/// With `kaspi`, a Kaspi shop on the same CRM account too (the maps share fields).
+fn settings_with(db: &str, amo: &AmoSim, avito: &AvitoSim, kaspi: Option<&str>) -> Settings {
     let base = admin_url();
     let (server, _) = base.rsplit_once('/').unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -46,7 +51,11 @@ base_url = "{avito}"
 poll_interval = "1s"
 client_id = "{id}"
 client_secret = "{secret}"
+{kaspi_shop}
 "#,
+        kaspi_shop = kaspi
+            .map(|url| format!("[shops.kaspi_main]\nmarketplace = \"kaspi\"\ncrm_account = \"main\"\nmap = \"config/maps/kaspi.toml\"\nbase_url = \"{url}\"\npoll_interval = \"1s\"\ntoken = \"kaspi-test-token\"\n"))
+            .unwrap_or_default(),
         amo = amo.base_url(),
         avito = avito.base_url(),
         id = config.client_id,
@@ -166,6 +175,71 @@ async fn a_buyers_first_message_becomes_one_lead_and_later_ones_notes_on_it() {
         count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
     })
     .await;
+    stop.cancel();
+    daemon.await.unwrap();
+    db.drop_now().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_avito_order_becomes_a_lead_with_the_shipped_maps_sharing_one_crm_account() {
+    use orderbridge::sim::avito::SimAvitoOrderSpec;
+    use orderbridge::sim::kaspi::{KaspiSim, KaspiSimConfig};
+    let db = fresh_db().await;
+    let avito = AvitoSim::start(AvitoSimConfig::default()).await.unwrap();
+    let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
+    let amo = AmoSim::start(AmoSimConfig {
+        long_lived_token: Some(AMO_TOKEN.into()),
+        ..AmoSimConfig::default()
+    })
+    .await
+    .unwrap();
+    seed_crm_from_maps(
+        &amo,
+        &[
+            std::path::Path::new("config/maps/kaspi.toml"),
+            std::path::Path::new("config/maps/avito.toml"),
+        ],
+    );
+    let stop = CancellationToken::new();
+    let daemon = {
+        let settings = settings_with(&db.name, &amo, &avito, Some(&kaspi.base_url()));
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if let Err(error) = orderbridge::daemon::run_until(settings, true, stop).await {
+                panic!("the daemon failed: {error}");
+            }
+        })
+    };
+    let mut spec = SimAvitoOrderSpec::new(
+        "70000000001",
+        chrono::Utc::now() - chrono::Duration::minutes(5),
+    );
+    spec.service_type = "pvz".into();
+    avito.create_order(spec);
+    wait_for(
+        "the Avito order's lead",
+        Duration::from_secs(30),
+        || async { amo.leads().len() == 1 },
+    )
+    .await;
+    wait_for("the queue drained", Duration::from_secs(20), || async {
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM outbox_jobs WHERE state = 'dead'"
+        )
+        .await,
+        0
+    );
+    let lead = amo.leads().remove(0);
+    let fields = lead.custom_fields_values.to_string();
+    assert!(
+        fields.contains("Пункт выдачи"),
+        "the delivery kind as the select's option: {fields}"
+    );
     stop.cancel();
     daemon.await.unwrap();
     db.drop_now().await.unwrap();

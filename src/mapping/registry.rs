@@ -106,6 +106,8 @@ async fn build(
     let directories = directories(crm).await;
     let mut set = MapSet::default();
     let mut problems = Vec::new();
+    // (CRM account, field name) → (file, slot, option labels when the map has them).
+    let mut shared_fields: SharedFields = BTreeMap::new();
     for source in sources {
         let file = source.path.display().to_string();
         let (map, text) = match load(&source.path) {
@@ -119,6 +121,30 @@ async fn build(
         if !issues.is_empty() {
             problems.extend(issues.into_iter().map(|i| i.to_string()));
             continue;
+        }
+        if let Some(lead) = &map.lead {
+            let lead = lead.get_ref();
+            for (slot, field) in &lead.fields {
+                let name = match field.get_ref() {
+                    toml::Value::String(name) => name.trim().to_string(),
+                    other => other.to_string(),
+                };
+                let labels = lead
+                    .enums
+                    .iter()
+                    .find(|(s, _)| s.get_ref() == slot.get_ref())
+                    .map(|(_, o)| o.values().map(|l| l.get_ref().clone()).collect());
+                let entry = shared_fields
+                    .entry((source.crm_account.clone(), name.to_lowercase()))
+                    .or_insert_with(|| (name.clone(), Vec::new()));
+                let entry = &mut entry.1;
+                if !entry
+                    .iter()
+                    .any(|(f, s, _)| *f == file && s == slot.get_ref())
+                {
+                    entry.push((file.clone(), slot.get_ref().clone(), labels));
+                }
+            }
         }
         let routing = match directories.get(&source.crm_account) {
             Some(Ok(directory)) => match resolve_online(&file, &text, &map, directory) {
@@ -138,11 +164,41 @@ async fn build(
         };
         set.shops.insert(source.shop.clone(), Arc::new(routing));
     }
+    problems.extend(disagreeing_fields(&shared_fields));
     if problems.is_empty() {
         Ok(set)
     } else {
         Err(problems)
     }
+}
+
+/// (CRM account, lower-cased field name) → (the field's name as written, and
+/// per map writing it: file, slot, the option labels when it maps onto options).
+type SharedFields =
+    BTreeMap<(String, String), (String, Vec<(String, String, Option<Vec<String>>)>)>;
+
+/// Maps of one CRM account that write the same lead field must agree on what
+/// it takes: when one maps its values onto the field's options (a select) and
+/// another writes raw values into it, amoCRM would refuse every lead of the
+/// second. Names both maps, the field and the options.
+fn disagreeing_fields(shared: &SharedFields) -> Vec<String> {
+    let mut problems = Vec::new();
+    for ((account, _), (field, users)) in shared {
+        let Some((select_file, select_slot, Some(options))) =
+            users.iter().find(|(_, _, labels)| labels.is_some())
+        else {
+            continue;
+        };
+        for (file, slot, labels) in users {
+            if labels.is_none() && slot != "completion_code" {
+                problems.push(format!(
+                    "{file}: `lead.fields.{slot}` writes raw values into lead field `{field}` of CRM account `{account}`, which {select_file} (`lead.enums.{select_slot}`) treats as a select with the options: {}; map each value onto one of them under [lead.enums.{slot}] in {file}",
+                    options.join(", ")
+                ));
+            }
+        }
+    }
+    problems
 }
 
 fn stamps(sources: &[MapSource]) -> Vec<Option<SystemTime>> {

@@ -367,6 +367,24 @@ pub fn resolve_online(
                     if let Some(entry) = routing.fields.get_mut(slot.get_ref()) {
                         entry.1 = Some(f.id);
                     }
+                    let has_enums = lead.enums.keys().any(|s| s.get_ref() == slot.get_ref());
+                    let selects = matches!(
+                        f.field_type.as_str(),
+                        "select" | "multiselect" | "radiobutton"
+                    );
+                    if selects && !has_enums && slot.get_ref() != "completion_code" {
+                        bad(
+                            field.span(),
+                            format!("lead.fields.{}", slot.get_ref()),
+                            format!(
+                                "field `{}` is a {} in amoCRM and takes only its options, but this map writes raw values into it; map each value onto an option under [lead.enums.{}]; its options are: {}",
+                                f.name,
+                                f.field_type,
+                                slot.get_ref(),
+                                list(f.enums.iter().map(|(_, l)| l.clone()).collect())
+                            ),
+                        );
+                    }
                     if let Some(options) = lead
                         .enums
                         .iter()

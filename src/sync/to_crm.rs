@@ -583,9 +583,16 @@ fn fields(map: &RoutingMap, order: &Order) -> Vec<FieldValue> {
                 .map(|d| FieldInput::Timestamp(d.timestamp())),
             "payment_mode" => order.payment_mode.clone().map(FieldInput::Text),
             "delivery_mode" => order.delivery.mode.as_ref().and_then(|mode| {
-                match map.enums.get(slot).and_then(|options| options.get(mode)) {
-                    Some((_, Some(enum_id))) => Some(FieldInput::Enum(*enum_id)),
-                    Some((_, None)) => None,
+                match map.enums.get(slot).map(|options| options.get(mode)) {
+                    Some(Some((_, Some(enum_id)))) => Some(FieldInput::Enum(*enum_id)),
+                    Some(Some((_, None))) => None,
+                    // A select field takes only its options: an unmapped value
+                    // leaves it empty rather than making amoCRM refuse the lead.
+                    Some(None) => {
+                        tracing::warn!(order = %order.code, slot = %slot, value = %mode,
+                            "A value the map does not map onto the field's options; the field is left empty.");
+                        None
+                    }
                     None => Some(FieldInput::Text(mode.clone())),
                 }
             }),
