@@ -634,3 +634,59 @@ async fn network_faults_on_contact_searches_leave_no_phone_in_attempts_or_logs()
     let Bridge { db, .. } = b;
     db.drop_now().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_address_updates_the_lead_once_and_an_unchanged_order_sends_nothing() {
+    let b = bridge().await;
+    let (db, kaspi, amo) = (&b.db, &b.kaspi, &b.amo);
+    let engine = start(
+        Engine::builder(db.pool.clone(), test_config())
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+    );
+    let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
+    let order = kaspi.create_order(SimOrderSpec {
+        delivery_address: Some("Алматы, Абая, 1".into()),
+        ..SimOrderSpec::new("670001", chrono::Utc::now().timestamp_millis() - 60_000)
+    });
+    let drained = || async { count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0 };
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for("the lead exists", Duration::from_secs(30), drained).await;
+    let lead = amo.leads().remove(0);
+    assert!(lead
+        .custom_fields_values
+        .to_string()
+        .contains("Алматы, Абая, 1"));
+    let patches = || {
+        amo.requests()
+            .iter()
+            .filter(|r| r.method == "PATCH")
+            .count()
+    };
+    let before = patches();
+
+    // The buyer changes the address at Kaspi: one update with the new address.
+    kaspi.set_field(
+        &order.id,
+        "deliveryAddress",
+        serde_json::json!({ "formattedAddress": "Алматы, Достык, 5" }),
+    );
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for("the update is done", Duration::from_secs(30), drained).await;
+    assert_eq!(patches(), before + 1, "one update for one change");
+    let fields = amo.lead(lead.id).unwrap().custom_fields_values.to_string();
+    assert!(fields.contains("Алматы, Достык, 5"), "{fields}");
+    assert_eq!(
+        amo.lead(lead.id).unwrap().status_id,
+        lead.status_id,
+        "the stage stays"
+    );
+
+    // Nothing changed: nothing is sent.
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for("the sync is done", Duration::from_secs(30), drained).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(patches(), before + 1, "no update without a change");
+    engine.stop().await;
+    let Bridge { db, .. } = b;
+    db.drop_now().await.unwrap();
+}

@@ -413,3 +413,27 @@ pub async fn awaiting_code(
     .await?;
     Ok(rows)
 }
+
+/// The hash of the mapped fields and price the bridge last wrote into the lead.
+pub async fn pushed_content(pool: &PgPool, order_id: i64) -> Result<Option<String>, StoreError> {
+    let hash: Option<Option<String>> =
+        sqlx::query_scalar("SELECT pushed_content FROM crm_links WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(hash.flatten())
+}
+
+/// Records what the bridge wrote into the lead's mapped fields and price.
+pub async fn set_pushed_content(
+    pool: &PgPool,
+    order_id: i64,
+    hash: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE crm_links SET pushed_content = $2 WHERE order_id = $1")
+        .bind(order_id)
+        .bind(hash)
+        .execute(pool)
+        .await?;
+    Ok(())
+}

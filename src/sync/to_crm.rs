@@ -176,7 +176,7 @@ impl Handler for CrmSyncHandler {
         };
         match links::get(&self.pool, order_id).await? {
             Some(link) => {
-                self.update(client, writer, &order, order_id, &link, stage)
+                self.update(client, writer, map, &order, order_id, &link, stage)
                     .await
             }
             None => {
@@ -232,42 +232,61 @@ struct Creation<'a> {
 }
 
 impl CrmSyncHandler {
+    #[allow(clippy::too_many_arguments)]
     async fn update(
         &self,
         client: &AmoClient,
         writer: &CrmWriter,
+        map: &RoutingMap,
         order: &Order,
         order_id: i64,
         link: &Link,
         stage: Option<(u64, u64)>,
     ) -> Result<(), ToCrmError> {
-        let Some((pipeline_id, status_id)) = stage else {
-            return Ok(());
-        };
-        if link.pushed_pipeline_id == Some(pipeline_id as i64)
-            && link.pushed_status_id == Some(status_id as i64)
+        // The lead's content: written again only when what the map puts in changed.
+        let content = lead_content(map, order);
+        let content_changed = links::pushed_content(&self.pool, order_id)
+            .await?
+            .as_deref()
+            != Some(content.as_str());
+        let mut move_to = stage.filter(|(p, s)| {
+            link.pushed_pipeline_id != Some(*p as i64) || link.pushed_status_id != Some(*s as i64)
+        });
+        if move_to.is_some()
+            && !order.is_terminal
+            && links::is_awaiting_code(&self.pool, order_id).await?
         {
-            return Ok(());
-        }
-        if !order.is_terminal && links::is_awaiting_code(&self.pool, order_id).await? {
             // Kaspi completion between its two steps: the lead stays in the
             // completion stage where the manager put it.
+            move_to = None;
+        }
+        if move_to.is_none() && !content_changed {
             return Ok(());
         }
         // Recorded before the request: its echo may arrive before the answer.
-        let intended_at = links::record_push(
-            &self.pool,
-            &link.crm_account,
-            link.lead_id,
-            pipeline_id as i64,
-            status_id as i64,
-        )
-        .await?;
+        let intended_at = match move_to {
+            Some((pipeline_id, status_id)) => Some(
+                links::record_push(
+                    &self.pool,
+                    &link.crm_account,
+                    link.lead_id,
+                    pipeline_id as i64,
+                    status_id as i64,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         writer
             .update(LeadUpdate {
                 id: link.lead_id as u64,
-                stage: Some((pipeline_id, status_id)),
+                stage: move_to,
                 price: Some(order.total.major_rounded()),
+                fields: if content_changed {
+                    fields(map, order)
+                } else {
+                    Vec::new()
+                },
                 ..LeadUpdate::default()
             })
             .await
@@ -278,6 +297,13 @@ impl CrmSyncHandler {
                 },
                 other => ToCrmError::Write(other),
             })?;
+        if content_changed {
+            links::set_pushed_content(&self.pool, order_id, &content).await?;
+        }
+        let (Some((pipeline_id, status_id)), Some(intended_at)) = (move_to, intended_at) else {
+            tracing::info!(order = %order.code, lead_id = link.lead_id, "The lead's fields follow the order's changed content.");
+            return Ok(());
+        };
         if !links::set_pushed_since(
             &self.pool,
             order_id,
@@ -457,6 +483,7 @@ impl CrmSyncHandler {
             },
         )
         .await?;
+        links::set_pushed_content(&self.pool, to.order_id, &lead_content(to.map, order)).await?;
         metrics::counter!("orderbridge_leads_created_total", "marketplace" => order.marketplace.as_str()).increment(1);
         tracing::info!(order = %order.code, lead_id, contact_id, "Lead created for the order.");
         Ok(())
@@ -499,6 +526,14 @@ fn stripe(crm_account: &str, key: &str) -> usize {
 }
 
 /// The lead's name from the map's template.
+/// A hash of what the map puts into the lead (its fields and price): equal
+/// hashes mean nothing mapped changed.
+fn lead_content(map: &RoutingMap, order: &Order) -> String {
+    use sha2::{Digest, Sha256};
+    let text = format!("{:?}|{:?}", order.total.major_rounded(), fields(map, order));
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
 /// The lead whose order-code field (the map's `order_code` slot) holds exactly
 /// `code`: amoCRM's full-text search narrows, the field decides ("1234" never
 /// matches a lead of order "12345", nor one whose name merely contains it).
