@@ -690,3 +690,149 @@ async fn a_changed_address_updates_the_lead_once_and_an_unchanged_order_sends_no
     let Bridge { db, .. } = b;
     db.drop_now().await.unwrap();
 }
+
+/// Samples how many of the pool's connections are in use, until stopped.
+fn watch_pool(
+    pool: sqlx::PgPool,
+) -> (
+    Arc<std::sync::atomic::AtomicU32>,
+    tokio_util::sync::CancellationToken,
+) {
+    let peak = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (p, s) = (peak.clone(), stop.clone());
+    tokio::spawn(async move {
+        while !s.is_cancelled() {
+            let in_use = pool.size().saturating_sub(pool.num_idle() as u32);
+            p.fetch_max(in_use, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    (peak, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_orders_of_one_new_customer_at_once_make_one_contact_without_exhausting_the_pool() {
+    let b = bridge().await;
+    let (db, kaspi, amo) = (&b.db, &b.kaspi, &b.amo);
+    let mut config = test_config();
+    config.concurrency = 64;
+    let engine = start(
+        Engine::builder(db.pool.clone(), config)
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+    );
+    let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
+    let now = chrono::Utc::now().timestamp_millis();
+    for i in 0..20 {
+        kaspi.create_order(SimOrderSpec {
+            customer_phone: "7019998877".into(),
+            ..SimOrderSpec::new(&format!("68{i:04}"), now - 60_000 + i)
+        });
+    }
+    let (peak, stop_watch) = watch_pool(db.pool.clone());
+    let before = amo.requests().len();
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for("the leads exist", Duration::from_secs(60), || async {
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    stop_watch.cancel();
+    let requests = amo.requests().len() - before;
+    assert_eq!(amo.leads().len(), 20);
+    assert_eq!(amo.contacts().len(), 1, "one contact for one customer");
+    assert!(amo
+        .leads()
+        .iter()
+        .all(|l| l.contact_ids == amo.leads()[0].contact_ids));
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    let max = db.pool.options().get_max_connections();
+    println!("largest_pool_use: {peak} of {max}");
+    println!(
+        "amocrm_requests_per_new_order_one_customer: {:.2}",
+        requests as f64 / 20.0
+    );
+    assert!(peak < max, "the pool was never exhausted ({peak} of {max})");
+
+    // Twenty new customers, then twenty orders of known ones.
+    let before = amo.requests().len();
+    for i in 0..20 {
+        kaspi.create_order(SimOrderSpec {
+            customer_phone: format!("70133{i:05}"),
+            ..SimOrderSpec::new(&format!("69{i:04}"), now - 30_000 + i)
+        });
+    }
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for(
+        "the new customers' leads",
+        Duration::from_secs(60),
+        || async { count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0 },
+    )
+    .await;
+    let new_customers = amo.requests().len() - before;
+    let before = amo.requests().len();
+    for i in 0..20 {
+        kaspi.create_order(SimOrderSpec {
+            customer_phone: format!("70133{i:05}"),
+            ..SimOrderSpec::new(&format!("71{i:04}"), now - 20_000 + i)
+        });
+    }
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for(
+        "the repeat customers' leads",
+        Duration::from_secs(60),
+        || async { count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0 },
+    )
+    .await;
+    let repeat = amo.requests().len() - before;
+    assert_eq!(amo.contacts().len(), 21);
+    println!(
+        "amocrm_requests_per_new_order_new_customer: {:.2}",
+        new_customers as f64 / 20.0
+    );
+    println!(
+        "amocrm_requests_per_new_order_repeat_customer: {:.2}",
+        repeat as f64 / 20.0
+    );
+    assert!(
+        new_customers <= 40 && repeat <= 40,
+        "at most two requests per new order"
+    );
+    engine.stop().await;
+    let Bridge { db, .. } = b;
+    db.drop_now().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_without_phone_or_items_still_becomes_a_lead_with_a_note_naming_what_is_missing() {
+    let b = bridge().await;
+    let (db, kaspi, amo) = (&b.db, &b.kaspi, &b.amo);
+    let engine = start(
+        Engine::builder(db.pool.clone(), test_config())
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+    );
+    let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
+    kaspi.create_order(SimOrderSpec {
+        customer_phone: String::new(),
+        entries: vec![],
+        ..SimOrderSpec::new("672001", chrono::Utc::now().timestamp_millis() - 60_000)
+    });
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for("the lead and its note", Duration::from_secs(30), || async {
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    let lead = amo.leads().remove(0);
+    let note = amo
+        .notes()
+        .into_iter()
+        .find(|n| n.entity_id == lead.id)
+        .expect("a note on the lead");
+    assert!(
+        note.text.contains("the buyer's phone") && note.text.contains("the items"),
+        "{}",
+        note.text
+    );
+    engine.stop().await;
+    let Bridge { db, .. } = b;
+    db.drop_now().await.unwrap();
+}

@@ -459,7 +459,30 @@ impl CrmSyncHandler {
             )
             .await?;
         }
-        self.link(to, order, created.lead_id, contact_id).await
+        self.link(to, order, created.lead_id, contact_id).await?;
+        // What the marketplace left out is said on the lead, not guessed.
+        let mut missing = Vec::new();
+        if order.customer.phone.is_none() {
+            missing.push("the buyer's phone");
+        }
+        if order.items.is_empty() {
+            missing.push("the items");
+        }
+        if !missing.is_empty() {
+            tracing::info!(order = %order.code, missing = ?missing, "The order came without some parts; the lead says so.");
+            to.client
+                .add_notes(&[NewNote {
+                    request_id: format!("missing-{}", order.code),
+                    lead_id: created.lead_id,
+                    text: format!(
+                        "orderbridge: {} sent this order without {}; the lead has what there is.",
+                        order.marketplace.as_str(),
+                        missing.join(" and ")
+                    ),
+                }])
+                .await?;
+        }
+        Ok(())
     }
 
     async fn link(
@@ -525,7 +548,6 @@ fn stripe(crm_account: &str, key: &str) -> usize {
     (hasher.finish() % CONTACT_LOCK_STRIPES as u64) as usize
 }
 
-/// The lead's name from the map's template.
 /// A hash of what the map puts into the lead (its fields and price): equal
 /// hashes mean nothing mapped changed.
 fn lead_content(map: &RoutingMap, order: &Order) -> String {
@@ -557,6 +579,7 @@ pub async fn find_lead_by_code(
     }))
 }
 
+/// The lead's name from the map's template.
 fn lead_name(map: &RoutingMap, order: &Order) -> String {
     let template = map
         .lead_name
