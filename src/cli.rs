@@ -31,6 +31,28 @@ pub enum Command {
         #[arg(long)]
         no_migrate: bool,
     },
+    /// The whole product against in-process simulators of Kaspi, Avito and
+    /// amoCRM: generated orders, simulated managers; prints a summary at the end.
+    Demo {
+        /// Time compression for the orders, the managers and the marketplaces.
+        #[arg(long, default_value_t = 10.0)]
+        speed: f64,
+        /// Seed of the generated orders and moves (repeatable runs).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Stop by itself after this long (e.g. 2m); default: until Ctrl-C.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        run_for: Option<std::time::Duration>,
+        /// New orders per demo minute, across both marketplaces.
+        #[arg(long, default_value_t = 4.0)]
+        orders_per_minute: f64,
+        /// Keep the demo database from the last run instead of starting afresh.
+        #[arg(long)]
+        keep: bool,
+        /// Where the daemon's HTTP side listens.
+        #[arg(long, default_value = "127.0.0.1:8088")]
+        listen: std::net::SocketAddr,
+    },
     /// Create the database if needed and apply pending migrations.
     Migrate,
     /// Validate the configuration and exit.
@@ -141,6 +163,39 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Run { no_migrate } => crate::daemon::run(settings, !no_migrate).await?,
+        Command::Demo {
+            speed,
+            seed,
+            run_for,
+            orders_per_minute,
+            keep,
+            listen,
+        } => {
+            use secrecy::ExposeSecret;
+            let stop = tokio_util::sync::CancellationToken::new();
+            let on_signal = {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        stop.cancel();
+                    }
+                })
+            };
+            let options = crate::demo::DemoOptions {
+                speed,
+                seed,
+                run_for,
+                orders_per_minute,
+                database_url: settings.database.url.expose_secret().to_string(),
+                database: "orderbridge_demo".into(),
+                keep,
+                listen,
+                live: std::io::IsTerminal::is_terminal(&std::io::stdout()) || run_for.is_none(),
+            };
+            let finished = crate::demo::run(options, stop).await?;
+            on_signal.abort();
+            println!("{}", finished.summary);
+        }
         Command::Migrate => {
             let pool = crate::daemon::open_database(&settings.database).await?;
             crate::store::migrate(&pool).await?;

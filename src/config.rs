@@ -72,6 +72,9 @@ pub struct TelemetrySettings {
     /// `tracing` filter directives; `RUST_LOG` wins when set.
     pub log_filter: String,
     pub log_format: LogFormat,
+    /// Write the logs to this file (appended) instead of stderr.
+    #[serde(default)]
+    pub log_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -14,6 +14,7 @@
 //! - [`http`]: the axum side (`/healthz`, `/readyz`, `/metrics`);
 //! - [`daemon`]: wires the parts together for `run`, with graceful shutdown;
 //! - [`bench`]: `orderbridge bench …`, throughput and latency figures;
+//! - [`demo`]: `orderbridge demo`, the daemon against the simulators with generated orders and managers;
 //! - [`sim`]: simulators of the external APIs, for tests, benchmarks and the demo.
 
 pub mod bench;
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod connectors;
 pub mod daemon;
+pub mod demo;
 pub mod domain;
 pub mod http;
 pub mod mapping;

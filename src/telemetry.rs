@@ -20,6 +20,8 @@ pub enum TelemetryError {
     AlreadyInstalled,
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
+    #[error("cannot open the log file {path}: {error}")]
+    LogFile { path: String, error: String },
 }
 
 /// Installs the global log subscriber. `RUST_LOG`, when set, wins over the config.
@@ -35,7 +37,21 @@ pub fn init_logging(settings: &TelemetrySettings) -> Result<(), TelemetryError> 
                 filter: directives.clone(),
                 source,
             })?;
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let writer = match &settings.log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| TelemetryError::LogFile {
+                    path: path.display().to_string(),
+                    error: e.to_string(),
+                })?;
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(file))
+        }
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
+    let builder = fmt().with_env_filter(filter).with_writer(writer);
     let result = match settings.log_format {
         LogFormat::Json => builder
             .json()

@@ -51,6 +51,19 @@ pub async fn create_database_if_missing(url: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Drops the database named in `url` (closing its sessions) when it exists.
+pub async fn drop_database(url: &str) -> Result<(), StoreError> {
+    if Postgres::database_exists(url)
+        .await
+        .map_err(StoreError::Create)?
+    {
+        Postgres::force_drop_database(url)
+            .await
+            .map_err(StoreError::Create)?;
+    }
+    Ok(())
+}
+
 /// Opens the connection pool (the database is created first when missing).
 pub async fn connect(
     url: &str,

@@ -702,6 +702,23 @@ pub async fn release_waiting(pool: &PgPool, reason_prefix: &str) -> Result<u64, 
     Ok(done.rows_affected())
 }
 
+/// Whether a job of `kind` with this ordering key is pending or running.
+pub async fn has_unfinished(
+    pool: &PgPool,
+    kind: &str,
+    ordering_key: &str,
+) -> Result<bool, StoreError> {
+    let found: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM outbox_jobs
+                        WHERE ordering_key = $2 AND kind = $1 AND state IN ('pending', 'running'))",
+    )
+    .bind(kind)
+    .bind(ordering_key)
+    .fetch_one(pool)
+    .await?;
+    Ok(found)
+}
+
 /// Makes sure targets have lease rows (so the engine shares and leases them
 /// even before their first job: a shop's poller runs under its lease).
 pub async fn ensure_targets(pool: &PgPool, targets: &[String]) -> Result<(), StoreError> {

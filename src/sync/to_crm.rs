@@ -260,6 +260,26 @@ impl CrmSyncHandler {
             // completion stage where the manager put it.
             move_to = None;
         }
+        if move_to.is_some()
+            && link.manager_moved
+            && !order.is_terminal
+            && crate::store::outbox::has_unfinished(
+                &self.pool,
+                crate::sync::to_marketplace::MARKETPLACE_ACTION_KIND,
+                &format!(
+                    "order:{}:{}:{}",
+                    order.marketplace.as_str(),
+                    order.account,
+                    order.external_id
+                ),
+            )
+            .await?
+        {
+            // The manager's move is still being applied at the marketplace: its
+            // outcome decides (the order changes, or a refusal moves the lead back).
+            tracing::debug!(order = %order.code, "The manager's action is still on its way; the lead stays.");
+            move_to = None;
+        }
         if move_to.is_none() && !content_changed {
             return Ok(());
         }
