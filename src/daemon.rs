@@ -76,11 +76,17 @@ pub async fn run_until(
         pool.clone(),
         shutdown.clone(),
     ));
-    let watcher = tokio::spawn(maps.clone().watch(
-        crm_clients.clone(),
-        std::time::Duration::from_secs(2),
-        shutdown.clone(),
-    ));
+    let watcher = {
+        let (m, c, s) = (maps.clone(), crm_clients.clone(), shutdown.clone());
+        tokio::spawn(crate::sync::supervise(
+            "map_watcher".into(),
+            shutdown.clone(),
+            move || {
+                m.clone()
+                    .watch(c.clone(), std::time::Duration::from_secs(2), s.clone())
+            },
+        ))
+    };
     let inbox_wake = Arc::new(tokio::sync::Notify::new());
     let listener = crate::http::bind(settings.http.listen).await?;
     tracing::info!(listen = %settings.http.listen, "Serving /healthz, /readyz and /metrics.");

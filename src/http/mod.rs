@@ -1,6 +1,6 @@
 //! The HTTP side (axum): `/healthz` (alive), `/readyz` (ready: the database
-//! answers, no target's circuit is open, and every map is resolved against its
-//! CRM), `/metrics` (Prometheus), and the
+//! answers, no target's circuit is open, every map is resolved against its
+//! CRM, and no supervised part keeps failing), `/metrics` (Prometheus), and the
 //! webhook intake under `/hooks/…` ([`hooks`]). The dashboard joins here later.
 
 pub mod hooks;
@@ -149,6 +149,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
             serde_json::Value::Object(maps)
         }
     };
+    // A supervised part that keeps failing (restarted again and again).
+    let failing: Vec<serde_json::Value> = crate::sync::failing_parts()
+        .into_iter()
+        .map(|(part, failures, last)| {
+            serde_json::json!({ "part": part, "failures_in_10_min": failures, "last_error": last })
+        })
+        .collect();
+    let status = if failing.is_empty() {
+        status
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let ready = status == StatusCode::OK;
     (
         status,
@@ -158,6 +170,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 "database": database,
                 "open_circuits": circuits,
                 "maps": maps,
+                "failing_parts": failing,
             }
         })),
     )

@@ -149,6 +149,7 @@ where
             backoff = FIRST;
         }
         metrics::counter!("orderbridge_part_restarts_total", "part" => part.clone()).increment(1);
+        record_failure(&part, &why);
         tracing::error!(part = %part, error = %why, restart_in_ms = backoff.as_millis() as u64,
             "A part of the daemon failed; restarting it after a backoff. The rest keeps working.");
         tokio::select! {
@@ -157,6 +158,50 @@ where
         }
         backoff = (backoff * 2).min(LONGEST);
     }
+}
+
+/// A part that failed this often within [`FAILING_WINDOW`] keeps failing:
+/// `/readyz` reports it.
+pub const FAILING_AFTER: usize = 3;
+/// See [`FAILING_AFTER`].
+pub const FAILING_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+type Failures = std::collections::BTreeMap<String, Vec<(std::time::Instant, String)>>;
+
+/// Recent failures of each supervised part: (when, why).
+static FAILURES: std::sync::Mutex<Failures> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn record_failure(part: &str, why: &str) {
+    let mut failures = FAILURES.lock().unwrap_or_else(|p| p.into_inner());
+    let list = failures.entry(part.to_string()).or_default();
+    list.retain(|(at, _)| at.elapsed() < FAILING_WINDOW);
+    list.push((std::time::Instant::now(), why.to_string()));
+}
+
+/// The parts that failed at least [`FAILING_AFTER`] times within
+/// [`FAILING_WINDOW`]: (part, failures, last error).
+pub fn failing_parts() -> Vec<(String, usize, String)> {
+    let failures = FAILURES.lock().unwrap_or_else(|p| p.into_inner());
+    failures
+        .iter()
+        .filter_map(|(part, list)| {
+            let recent: Vec<&(std::time::Instant, String)> = list
+                .iter()
+                .filter(|(at, _)| at.elapsed() < FAILING_WINDOW)
+                .collect();
+            (recent.len() >= FAILING_AFTER).then(|| {
+                (
+                    part.clone(),
+                    recent.len(),
+                    recent
+                        .last()
+                        .map(|(_, why)| why.clone())
+                        .unwrap_or_default(),
+                )
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -209,6 +254,14 @@ mod tests {
             ticks.load(Ordering::SeqCst) >= 7,
             "the healthy part kept ticking"
         );
+        let reported = failing_parts();
+        assert!(
+            reported.iter().any(|(part, n, why)| part == "failing"
+                && *n == 3
+                && why.contains("simulated failure")),
+            "a part that keeps failing is reported: {reported:?}"
+        );
+        assert!(!reported.iter().any(|(part, _, _)| part == "healthy"));
         tokio::time::sleep(Duration::from_secs(120)).await;
         assert_eq!(
             runs.load(Ordering::SeqCst),
