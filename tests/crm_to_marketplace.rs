@@ -782,3 +782,65 @@ async fn echoes_late_twice_out_of_order_or_racing_the_patch_never_act_and_a_mana
     let World { db, .. } = w;
     db.drop_now().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_recovers_by_itself_from_its_database_connections_being_killed() {
+    let w = world().await;
+    let port = free_port();
+    let (stop, task) = w.start(&Daemon {
+        port,
+        public_url: false,
+        merchant_uid: "replica-a",
+        api_user_id: None,
+    });
+    let first = w.kaspi.create_order(pickup_order("760001"));
+    w.the_lead().await;
+    // Every connection of the daemon is killed, again and again, for 6 s.
+    let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
+    let outage = Instant::now();
+    let mut kills = 0;
+    while outage.elapsed() < Duration::from_secs(6) {
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&w.db.name)
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        kills += killed.len();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(kills > 0, "connections were killed");
+    let outage_over = Instant::now();
+    // Orders and managers' moves flow again, without a restart.
+    let second = w.kaspi.create_order(pickup_order("760002"));
+    wait_for(
+        "the second order's lead",
+        Duration::from_secs(60),
+        || async { w.amo.leads().len() == 2 },
+    )
+    .await;
+    let lead = w
+        .amo
+        .leads()
+        .into_iter()
+        .find(|l| l.name.contains("760002"))
+        .unwrap();
+    let (pipeline, working) = w.stage("В работе / Сборка").await;
+    w.amo
+        .manager_moves_lead(lead.id, pipeline, working, w.manager);
+    wait_for("Kaspi accepted", Duration::from_secs(60), || async {
+        w.kaspi.order(&second.id).unwrap().status == "ACCEPTED_BY_MERCHANT"
+    })
+    .await;
+    assert_eq!(w.kaspi.order(&first.id).unwrap().status, "APPROVED_BY_BANK");
+    println!(
+        "connections_killed: {kills}, lead_and_accept_after_the_outage_ms: {}",
+        outage_over.elapsed().as_millis()
+    );
+    admin.close().await;
+    stop.cancel();
+    task.await.unwrap();
+    let World { db, .. } = w;
+    db.drop_now().await.unwrap();
+}
