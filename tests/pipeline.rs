@@ -836,3 +836,46 @@ async fn an_order_without_phone_or_items_still_becomes_a_lead_with_a_note_naming
     let Bridge { db, .. } = b;
     db.drop_now().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_amocrm_refuses_never_loses_the_lead() {
+    let b = bridge().await;
+    let (db, kaspi, amo) = (&b.db, &b.kaspi, &b.amo);
+    amo.refuse_contact_value("7015550101");
+    let engine = start(
+        Engine::builder(db.pool.clone(), test_config())
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+    );
+    let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
+    kaspi.create_order(SimOrderSpec {
+        customer_phone: "7015550101".into(),
+        ..SimOrderSpec::new("673001", chrono::Utc::now().timestamp_millis() - 60_000)
+    });
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for("the lead and its note", Duration::from_secs(30), || async {
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    let leads = amo.leads();
+    assert_eq!(leads.len(), 1, "the lead was created");
+    assert!(
+        leads[0].contact_ids.is_empty(),
+        "without the refused contact"
+    );
+    assert!(amo.contacts().is_empty());
+    assert!(amo
+        .notes()
+        .iter()
+        .any(|n| n.entity_id == leads[0].id && n.text.contains("refused the buyer's contact")));
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM outbox_jobs WHERE state = 'dead'"
+        )
+        .await,
+        0
+    );
+    engine.stop().await;
+    let Bridge { db, .. } = b;
+    db.drop_now().await.unwrap();
+}

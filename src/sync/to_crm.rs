@@ -453,20 +453,52 @@ impl CrmSyncHandler {
             tags: to.map.tags.clone(),
             contact_ids: existing_contact.into_iter().collect(),
         };
-        let created = to
+        let refused = |e: WriteError| match e {
+            WriteError::Refused(reason) => ToCrmError::Refused {
+                code: order.code.clone(),
+                reason,
+            },
+            other => ToCrmError::Write(other),
+        };
+        let had_new_contact = new_contact.is_some();
+        let (created, contact_refused) = match to
             .writer
             .create(NewComplexLead {
-                lead,
+                lead: lead.clone(),
                 contact: new_contact,
             })
             .await
-            .map_err(|e| match e {
-                WriteError::Refused(reason) => ToCrmError::Refused {
-                    code: order.code.clone(),
-                    reason,
-                },
-                other => ToCrmError::Write(other),
-            })?;
+        {
+            Ok(created) => (created, None),
+            // amoCRM refused the item; with a new contact in it, the contact
+            // may be why: the lead is created without it, and a note says so.
+            Err(WriteError::Refused(reason)) if had_new_contact => {
+                metrics::counter!("orderbridge_contacts_refused_total").increment(1);
+                tracing::warn!(order = %order.code, reason = %reason,
+                    "amoCRM refused the lead with its new contact; creating the lead without the contact.");
+                let created = to
+                    .writer
+                    .create(NewComplexLead {
+                        lead,
+                        contact: None,
+                    })
+                    .await
+                    .map_err(refused)?;
+                (created, Some(reason))
+            }
+            Err(e) => return Err(refused(e)),
+        };
+        if let Some(reason) = &contact_refused {
+            to.client
+                .add_notes(&[NewNote {
+                    request_id: format!("contact-refused-{}", order.code),
+                    lead_id: created.lead_id,
+                    text: format!(
+                        "orderbridge: amoCRM refused the buyer's contact ({reason}); the lead was created without a contact. Add the buyer by hand."
+                    ),
+                }])
+                .await?;
+        }
         let contact_id = existing_contact.or(created.contact_id);
         if let (None, Some(new_id)) = (existing_contact, created.contact_id) {
             let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;

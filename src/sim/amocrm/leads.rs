@@ -313,6 +313,18 @@ pub(super) fn complex(st: &mut State, req: &Req, changes: &mut Vec<LeadChange>) 
                 );
             }
             if let Some(c) = list.first() {
+                let text = c.to_string();
+                if st
+                    .refused_contact_values
+                    .iter()
+                    .any(|v| text.contains(v.as_str()))
+                {
+                    check.err(
+                        "InvalidValue",
+                        "_embedded.contacts.0.custom_fields_values.0.values.0.value",
+                        "This value is not valid.",
+                    );
+                }
                 if c.get("id").is_none() {
                     contact = contacts::parse_new(st, c, "_embedded.contacts.0", &mut check);
                     if let Some(p) = plan.as_mut() {

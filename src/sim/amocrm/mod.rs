@@ -363,6 +363,12 @@ impl AmoSim {
         hooks::spawn_all(self.shared(), jobs);
     }
 
+    /// From now on amoCRM refuses a new contact (in `/leads/complex`) whose
+    /// fields contain `value`, with a validation error on the contact's field.
+    pub fn refuse_contact_value(&self, value: &str) {
+        self.lock().refused_contact_values.push(value.to_string());
+    }
+
     pub fn unblock(&self) {
         let mut st = self.lock();
         st.blocked = false;

@@ -220,6 +220,8 @@ fn bump(counter: &mut u64) -> u64 {
 
 pub(super) struct State {
     pub cfg: AmoSimConfig,
+    /// Values amoCRM refuses in a new contact's fields (validation error).
+    pub refused_contact_values: Vec<String>,
     pub base_url: String,
     ids: Ids,
     pub pipelines: Vec<Pipeline>,
@@ -272,6 +274,7 @@ impl State {
             },
             pipelines: Vec::new(),
             users: Vec::new(),
+            refused_contact_values: Vec::new(),
             lead_fields: Vec::new(),
             contact_fields: Vec::new(),
             leads: BTreeMap::new(),
