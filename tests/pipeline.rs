@@ -858,15 +858,21 @@ async fn a_contact_amocrm_refuses_never_loses_the_lead() {
     .await;
     let leads = amo.leads();
     assert_eq!(leads.len(), 1, "the lead was created");
-    assert!(
-        leads[0].contact_ids.is_empty(),
-        "without the refused contact"
+    assert_eq!(
+        leads[0].contact_ids.len(),
+        1,
+        "with the contact, its name only"
     );
-    assert!(amo.contacts().is_empty());
+    let contacts = amo.contacts();
+    assert_eq!(contacts.len(), 1);
+    assert!(
+        !format!("{:?}", contacts[0]).contains("7015550101"),
+        "the refused phone was dropped"
+    );
     assert!(amo
         .notes()
         .iter()
-        .any(|n| n.entity_id == leads[0].id && n.text.contains("refused the buyer's contact")));
+        .any(|n| n.entity_id == leads[0].id && n.text.contains("refused the buyer's phone")));
     assert_eq!(
         count(
             &db.pool,

@@ -460,7 +460,16 @@ impl CrmSyncHandler {
             },
             other => ToCrmError::Write(other),
         };
-        let had_new_contact = new_contact.is_some();
+        // The contact's fields without its phone and email: what is left when
+        // amoCRM refuses one of those.
+        let bare_contact = new_contact
+            .as_ref()
+            .filter(|c| c.phone.is_some() || c.email.is_some())
+            .map(|c| NewContact {
+                phone: None,
+                email: None,
+                ..c.clone()
+            });
         let (created, contact_refused) = match to
             .writer
             .create(NewComplexLead {
@@ -470,20 +479,32 @@ impl CrmSyncHandler {
             .await
         {
             Ok(created) => (created, None),
-            // amoCRM refused the item; with a new contact in it, the contact
-            // may be why: the lead is created without it, and a note says so.
-            Err(WriteError::Refused(reason)) if had_new_contact => {
+            // amoCRM refused the item; with a new contact's fields in it, they
+            // may be why: the lead is created with the contact's name only (or
+            // without a contact), and a note says so.
+            Err(WriteError::Refused(reason)) if bare_contact.is_some() => {
                 metrics::counter!("orderbridge_contacts_refused_total").increment(1);
                 tracing::warn!(order = %order.code, reason = %reason,
-                    "amoCRM refused the lead with its new contact; creating the lead without the contact.");
-                let created = to
+                    "amoCRM refused the lead with its new contact's fields; creating it with the contact's name only.");
+                let created = match to
                     .writer
                     .create(NewComplexLead {
-                        lead,
-                        contact: None,
+                        lead: lead.clone(),
+                        contact: bare_contact,
                     })
                     .await
-                    .map_err(refused)?;
+                {
+                    Ok(created) => created,
+                    Err(WriteError::Refused(_)) => to
+                        .writer
+                        .create(NewComplexLead {
+                            lead,
+                            contact: None,
+                        })
+                        .await
+                        .map_err(refused)?,
+                    Err(e) => return Err(refused(e)),
+                };
                 (created, Some(reason))
             }
             Err(e) => return Err(refused(e)),
@@ -494,7 +515,7 @@ impl CrmSyncHandler {
                     request_id: format!("contact-refused-{}", order.code),
                     lead_id: created.lead_id,
                     text: format!(
-                        "orderbridge: amoCRM refused the buyer's contact ({reason}); the lead was created without a contact. Add the buyer by hand."
+                        "orderbridge: amoCRM refused the buyer's phone/email in the contact ({reason}); the contact was created without them. Add them by hand."
                     ),
                 }])
                 .await?;
