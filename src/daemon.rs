@@ -90,19 +90,43 @@ pub async fn run_until(
     let inbox_wake = Arc::new(tokio::sync::Notify::new());
     let listener = crate::http::bind(settings.http.listen).await?;
     tracing::info!(listen = %settings.http.listen, "Serving /healthz, /readyz and /metrics.");
-    let http = tokio::spawn(crate::http::serve(
-        listener,
-        crate::http::AppState {
-            pool: pool.clone(),
-            metrics,
-            amocrm_hooks: std::sync::Arc::new(hook_accounts(&settings)),
-            avito_hooks: std::sync::Arc::new(avito_hook_accounts(&settings)),
-            webhook_body_limit: settings.http.webhook_body_limit_bytes,
-            maps: Some(maps.clone()),
-            inbox_wake: inbox_wake.clone(),
-        },
-        shutdown.clone(),
-    ));
+    let state = crate::http::AppState {
+        pool: pool.clone(),
+        metrics,
+        amocrm_hooks: std::sync::Arc::new(hook_accounts(&settings)),
+        avito_hooks: std::sync::Arc::new(avito_hook_accounts(&settings)),
+        webhook_body_limit: settings.http.webhook_body_limit_bytes,
+        maps: Some(maps.clone()),
+        inbox_wake: inbox_wake.clone(),
+    };
+    // Supervised: a failed server is served again on a fresh bind of the address.
+    let http = {
+        let first = Arc::new(std::sync::Mutex::new(Some(listener)));
+        let (addr, stop) = (settings.http.listen, shutdown.clone());
+        tokio::spawn(crate::sync::supervise(
+            "http".into(),
+            shutdown.clone(),
+            move || {
+                let (first, state, stop) = (first.clone(), state.clone(), stop.clone());
+                async move {
+                    let taken = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let listener = match taken {
+                        Some(listener) => listener,
+                        None => match crate::http::bind(addr).await {
+                            Ok(listener) => listener,
+                            Err(error) => {
+                                tracing::error!(%error, "Cannot bind the HTTP side again.");
+                                return;
+                            }
+                        },
+                    };
+                    if let Err(error) = crate::http::serve(listener, state, stop).await {
+                        tracing::error!(%error, "The HTTP server stopped with an error.");
+                    }
+                }
+            },
+        ))
+    };
     let owner = crate::outbox::default_owner();
     let started = start_pollers(&settings, &pool, &limiters, &owner, &shutdown).await?;
     let mut pollers = started.tasks;
@@ -168,10 +192,8 @@ pub async fn run_until(
     }
     let _ = watcher.await;
     let _ = releaser.await;
-    match http.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "The HTTP server stopped with an error."),
-        Err(e) => tracing::error!(error = %e, "The HTTP server task failed."),
+    if let Err(e) = http.await {
+        tracing::error!(error = %e, "The HTTP server task failed.");
     }
     pool.close().await;
     engine_result?;
