@@ -727,6 +727,60 @@ async fn a_kind_no_handler_runs_is_dead_lettered_with_the_reason_after_the_grace
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_claimed_while_the_finisher_cannot_write_outcomes() {
+    let db = fresh_db().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = runs.clone();
+        FnHandler(move |_job: JobContext| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+    };
+    // Every outcome write fails (attempt rows cannot be inserted) until the
+    // constraint is dropped; claims keep working.
+    sqlx::query("ALTER TABLE outbox_attempts ADD CONSTRAINT stalled CHECK (job_id < 0) NOT VALID")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut config = test_config();
+    config.concurrency = 8;
+    let running = start(Engine::builder(db.pool.clone(), config).handler("push", handler));
+    // One job runs; writing its outcome fails: the finisher is stalled.
+    enqueue_all(&db.pool, &[job("push", "t", "order-0", json!({}))]).await;
+    wait_for("the first job ran", Duration::from_secs(10), || async {
+        runs.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Free slots, due jobs: still nothing is claimed until outcomes can be written.
+    let jobs: Vec<_> = (1..20)
+        .map(|i| job("push", "t", &format!("order-{i}"), json!({})))
+        .collect();
+    enqueue_all(&db.pool, &jobs).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "no new claims while outcomes cannot be written"
+    );
+    sqlx::query("ALTER TABLE outbox_attempts DROP CONSTRAINT stalled")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_for("all done", Duration::from_secs(20), || async {
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    assert_eq!(runs.load(Ordering::SeqCst), 20, "each job ran exactly once");
+    running.stop().await;
+    db.drop_now().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_retried_and_the_worker_lives_on() {
     let db = fresh_db().await;
     let calls = Arc::new(AtomicUsize::new(0));

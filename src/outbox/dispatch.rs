@@ -137,6 +137,13 @@ async fn claim_round(
     tasks: &mut JoinSet<()>,
     finish_tx: &UnboundedSender<Finished>,
 ) -> Result<bool, StoreError> {
+    if shared
+        .finisher_stalled
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        // The finisher wakes the dispatcher once it writes again.
+        return Ok(false);
+    }
     let mut held: Vec<String> = {
         let state = shared.state();
         state

@@ -1,6 +1,7 @@
 //! The finisher: writes attempt outcomes in batches (one or two statements per
 //! batch, fenced by attempt number), retries the write while the database is
-//! away, then frees the jobs' slots and wakes the dispatcher.
+//! away (the dispatcher claims nothing new meanwhile), then frees the jobs'
+//! slots and wakes the dispatcher.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -55,6 +56,13 @@ async fn write_until_done(shared: &Shared, batch: &[Finished]) {
     loop {
         match store::complete(&shared.pool, &shared.owner, &completions).await {
             Ok(applied) => {
+                if shared
+                    .finisher_stalled
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    tracing::info!("Job outcomes are written again; claiming resumes.");
+                    shared.wake.notify_one();
+                }
                 if applied.len() < completions.len() {
                     let applied: HashSet<i64> = applied.into_iter().collect();
                     for lost in batch
@@ -71,8 +79,13 @@ async fn write_until_done(shared: &Shared, batch: &[Finished]) {
                 return;
             }
             Err(error) => {
+                // No new claims while outcomes cannot be written: completions
+                // are never silently lost behind new work.
+                shared
+                    .finisher_stalled
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 tracing::error!(%error, jobs = completions.len(), retry_in_ms = backoff.as_millis() as u64,
-                    "Writing job outcomes failed; retrying.");
+                    "Writing job outcomes failed; retrying, and claiming nothing new meanwhile.");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -187,6 +187,7 @@ impl EngineBuilder {
                 beat_now: tokio::sync::Notify::new(),
                 state: std::sync::Mutex::new(RunState::default()),
                 round: std::sync::atomic::AtomicUsize::new(0),
+                finisher_stalled: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -230,6 +231,8 @@ struct Shared {
     state: std::sync::Mutex<RunState>,
     /// Claim rounds so far (rotates which target is served first).
     round: std::sync::atomic::AtomicUsize,
+    /// The finisher cannot write outcomes: nothing new is claimed until it can.
+    finisher_stalled: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
