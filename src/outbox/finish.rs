@@ -32,7 +32,24 @@ pub(super) async fn run_finisher(shared: Arc<Shared>, mut rx: UnboundedReceiver<
                 Err(_) => break,
             }
         }
-        write_until_done(&shared, &batch).await;
+        {
+            // A panic while writing is caught and the batch written again: the
+            // finisher lives on, and no outcome is dropped.
+            use futures::FutureExt;
+            while std::panic::AssertUnwindSafe(write_until_done(&shared, &batch))
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                metrics::counter!("orderbridge_part_restarts_total", "part" => "outbox_finisher")
+                    .increment(1);
+                tracing::error!(
+                    part = "outbox_finisher",
+                    "Writing job outcomes panicked; writing the batch again."
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
         {
             let mut state = shared.state();
             for done in &batch {

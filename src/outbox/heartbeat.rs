@@ -24,8 +24,25 @@ pub(super) async fn run_heartbeat(shared: Arc<Shared>, stop: CancellationToken) 
             _ = tick.tick() => {}
             _ = shared.beat_now.notified() => {}
         }
-        if let Err(error) = beat(&shared, beats.is_multiple_of(6)).await {
-            tracing::error!(%error, "Outbox heartbeat failed; leases will be renewed on the next one.");
+        // A panic in one beat is caught: the heartbeat (and the leases it
+        // renews) lives on.
+        use futures::FutureExt;
+        match std::panic::AssertUnwindSafe(beat(&shared, beats.is_multiple_of(6)))
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "Outbox heartbeat failed; leases will be renewed on the next one.")
+            }
+            Err(_) => {
+                metrics::counter!("orderbridge_part_restarts_total", "part" => "outbox_heartbeat")
+                    .increment(1);
+                tracing::error!(
+                    part = "outbox_heartbeat",
+                    "An outbox heartbeat panicked; the next one runs as usual."
+                )
+            }
         }
         beats += 1;
     }
