@@ -540,10 +540,10 @@ async fn act(world: std::sync::Arc<World>, options: DemoOptions, stop: Cancellat
                         let roll: f64 = rng.random();
                         if roll < 0.05 {
                             mv("Закрыто и не реализовано");
-                        } else if roll < 0.10 {
+                        } else if roll < 0.15 {
                             // Too early: Kaspi refuses assembling an order not accepted yet.
                             mv("Готов к отгрузке");
-                        } else if roll < 0.13 {
+                        } else if roll < 0.18 {
                             world.kaspi.buyer_cancels(&order.id, "BUYER_CANCELLATION");
                         } else {
                             mv("В работе / Сборка");

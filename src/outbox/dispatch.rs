@@ -38,7 +38,22 @@ pub(super) async fn run_dispatcher(
         while let Some(done) = tasks.try_join_next() {
             report_join(done);
         }
-        match claim_round(&shared, &mut tasks, &finish_tx).await {
+        // A panic in one claim round is caught: the dispatcher lives on (the
+        // round's claimed jobs stay leased and are reaped when it expires).
+        use futures::FutureExt;
+        let round = std::panic::AssertUnwindSafe(claim_round(&shared, &mut tasks, &finish_tx))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                metrics::counter!("orderbridge_part_restarts_total", "part" => "outbox_dispatcher")
+                    .increment(1);
+                tracing::error!(
+                    part = "outbox_dispatcher",
+                    "A claim round panicked; the dispatcher goes on."
+                );
+                Ok(false)
+            });
+        match round {
             Ok(maybe_more) => {
                 backoff = Duration::from_millis(100);
                 if maybe_more {
