@@ -21,6 +21,12 @@ pub enum Written {
     },
 }
 
+/// The ordering key every job of one order shares (its CRM sync and its
+/// marketplace actions run one at a time, oldest first).
+pub fn order_key(marketplace: &str, account: &str, external_id: &str) -> String {
+    format!("order:{marketplace}:{account}:{external_id}")
+}
+
 /// The outbox intent for an order: ordered and deduplicated per order.
 pub fn crm_sync_job(order: &Order, order_id: i64, crm_target: &str) -> NewJob {
     let key = format!(
@@ -32,7 +38,11 @@ pub fn crm_sync_job(order: &Order, order_id: i64, crm_target: &str) -> NewJob {
     NewJob {
         kind: CRM_SYNC_KIND.to_string(),
         target: crm_target.to_string(),
-        ordering_key: format!("order:{key}"),
+        ordering_key: order_key(
+            order.marketplace.as_str(),
+            &order.account,
+            &order.external_id,
+        ),
         dedupe_key: Some(format!("{CRM_SYNC_KIND}:{key}")),
         payload: serde_json::json!({
             "order_id": order_id,

@@ -244,7 +244,8 @@ impl CrmSyncHandler {
         stage: Option<(u64, u64)>,
     ) -> Result<(), ToCrmError> {
         // The lead's content: written again only when what the map puts in changed.
-        let content = lead_content(map, order);
+        let values = fields(map, order);
+        let content = lead_content(order, &values);
         let content_changed = links::pushed_content(&self.pool, order_id)
             .await?
             .as_deref()
@@ -266,11 +267,10 @@ impl CrmSyncHandler {
             && crate::store::outbox::has_unfinished(
                 &self.pool,
                 crate::sync::to_marketplace::MARKETPLACE_ACTION_KIND,
-                &format!(
-                    "order:{}:{}:{}",
+                &crate::sync::ingest::order_key(
                     order.marketplace.as_str(),
-                    order.account,
-                    order.external_id
+                    &order.account,
+                    &order.external_id,
                 ),
             )
             .await?
@@ -302,21 +302,11 @@ impl CrmSyncHandler {
                 id: link.lead_id as u64,
                 stage: move_to,
                 price: Some(order.total.major_rounded()),
-                fields: if content_changed {
-                    fields(map, order)
-                } else {
-                    Vec::new()
-                },
+                fields: if content_changed { values } else { Vec::new() },
                 ..LeadUpdate::default()
             })
             .await
-            .map_err(|e| match e {
-                WriteError::Refused(reason) => ToCrmError::Refused {
-                    code: order.code.clone(),
-                    reason,
-                },
-                other => ToCrmError::Write(other),
-            })?;
+            .map_err(|e| write_refused(order, e))?;
         if content_changed {
             links::set_pushed_content(&self.pool, order_id, &content).await?;
         }
@@ -395,13 +385,7 @@ impl CrmSyncHandler {
                             ..LeadUpdate::default()
                         })
                         .await
-                        .map_err(|e| match e {
-                            WriteError::Refused(reason) => ToCrmError::Refused {
-                                code: order.code.clone(),
-                                reason,
-                            },
-                            other => ToCrmError::Write(other),
-                        })?;
+                        .map_err(|e| write_refused(order, e))?;
                 }
                 let contact_id = lead.contact_ids.first().copied();
                 if let Some(contact_id) = contact_id {
@@ -453,13 +437,7 @@ impl CrmSyncHandler {
             tags: to.map.tags.clone(),
             contact_ids: existing_contact.into_iter().collect(),
         };
-        let refused = |e: WriteError| match e {
-            WriteError::Refused(reason) => ToCrmError::Refused {
-                code: order.code.clone(),
-                reason,
-            },
-            other => ToCrmError::Write(other),
-        };
+        let refused = |e: WriteError| write_refused(order, e);
         // The contact's fields without its phone and email: what is left when
         // amoCRM refuses one of those.
         let bare_contact = new_contact
@@ -579,7 +557,12 @@ impl CrmSyncHandler {
             },
         )
         .await?;
-        links::set_pushed_content(&self.pool, to.order_id, &lead_content(to.map, order)).await?;
+        links::set_pushed_content(
+            &self.pool,
+            to.order_id,
+            &lead_content(order, &fields(to.map, order)),
+        )
+        .await?;
         metrics::counter!("orderbridge_leads_created_total", "marketplace" => order.marketplace.as_str()).increment(1);
         tracing::info!(order = %order.code, lead_id, contact_id, "Lead created for the order.");
         Ok(())
@@ -621,11 +604,22 @@ fn stripe(crm_account: &str, key: &str) -> usize {
     (hasher.finish() % CONTACT_LOCK_STRIPES as u64) as usize
 }
 
+/// The writer's error as this handler's: a refused item names the order.
+fn write_refused(order: &Order, error: WriteError) -> ToCrmError {
+    match error {
+        WriteError::Refused(reason) => ToCrmError::Refused {
+            code: order.code.clone(),
+            reason,
+        },
+        other => ToCrmError::Write(other),
+    }
+}
+
 /// A hash of what the map puts into the lead (its fields and price): equal
 /// hashes mean nothing mapped changed.
-fn lead_content(map: &RoutingMap, order: &Order) -> String {
+fn lead_content(order: &Order, fields: &[FieldValue]) -> String {
     use sha2::{Digest, Sha256};
-    let text = format!("{:?}|{:?}", order.total.major_rounded(), fields(map, order));
+    let text = format!("{:?}|{:?}", order.total.major_rounded(), fields);
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 

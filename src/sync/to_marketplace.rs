@@ -153,27 +153,26 @@ async fn judge(
     let Some(state) = links::lock_state(tx, link.order_id).await? else {
         return Ok(Judged::Ignored("the link vanished".into()));
     };
+    if row.kind == "lead_update" && state.awaiting_code_since.is_some() {
+        // The buyer's code may have been typed. A move in the same change
+        // arrives as its own status item and is judged there.
+        queue_code_check(
+            tx,
+            &row.account,
+            lead_id,
+            &marketplace,
+            &shop,
+            &external_id,
+            link.order_id,
+            None,
+        )
+        .await?;
+        return Ok(Judged::CodeCheck);
+    }
     let changed_at = p["last_modified"].as_i64();
     let (Some(status_id), Some(pipeline_id)) = (p["status_id"].as_i64(), p["pipeline_id"].as_i64())
     else {
-        return Ok(
-            if row.kind == "lead_update" && state.awaiting_code_since.is_some() {
-                queue_code_check(
-                    tx,
-                    &row.account,
-                    lead_id,
-                    &marketplace,
-                    &shop,
-                    &external_id,
-                    link.order_id,
-                    None,
-                )
-                .await?;
-                Judged::CodeCheck
-            } else {
-                Judged::Ignored("the change carries no stage".into())
-            },
-        );
+        return Ok(Judged::Ignored("the change carries no stage".into()));
     };
     if let (Some(at), Some(newest)) = (changed_at, state.crm_changed_at) {
         if at < newest {
@@ -209,20 +208,6 @@ async fn judge(
     let known_stage =
         link.pushed_pipeline_id == Some(pipeline_id) && link.pushed_status_id == Some(status_id);
     if known_stage {
-        if row.kind == "lead_update" && state.awaiting_code_since.is_some() {
-            queue_code_check(
-                tx,
-                &row.account,
-                lead_id,
-                &marketplace,
-                &shop,
-                &external_id,
-                link.order_id,
-                None,
-            )
-            .await?;
-            return Ok(Judged::CodeCheck);
-        }
         return Ok(Judged::Duplicate);
     }
     // A manager's move.
@@ -260,7 +245,7 @@ async fn judge(
     let job = NewJob {
         kind: MARKETPLACE_ACTION_KIND.into(),
         target: format!("{marketplace}:{shop}"),
-        ordering_key: format!("order:{marketplace}:{shop}:{external_id}"),
+        ordering_key: crate::sync::ingest::order_key(&marketplace, &shop, &external_id),
         dedupe_key: Some(format!(
             "{MARKETPLACE_ACTION_KIND}:{}:{lead_id}:{pipeline_id}:{status_id}:{change}",
             row.account
@@ -294,7 +279,7 @@ async fn queue_code_check(
     let job = NewJob {
         kind: MARKETPLACE_ACTION_KIND.into(),
         target: format!("{marketplace}:{shop}"),
-        ordering_key: format!("order:{marketplace}:{shop}:{external_id}"),
+        ordering_key: crate::sync::ingest::order_key(marketplace, shop, external_id),
         dedupe_key: Some(format!(
             "{MARKETPLACE_ACTION_KIND}:{COMPLETE_WITH_CODE}:{order_id}"
         )),

@@ -245,67 +245,8 @@ pub fn seed_crm_from_map(
     }
 }
 
-/// Seeds one amoCRM account for several maps that share it, as an admin would
-/// set it up: each map's pipeline and stages, every role's users once, and each
-/// lead field once, a select with the union of the options the maps name.
+/// Seeds one amoCRM account for several maps that share it, as the demo does
+/// (each field once, a select with the union of the maps' options).
 pub fn seed_crm_from_maps(sim: &orderbridge::sim::amocrm::AmoSim, paths: &[&std::path::Path]) {
-    let mut users: Vec<String> = Vec::new();
-    let mut fields: Vec<(String, Vec<String>)> = Vec::new();
-    for path in paths {
-        let table: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
-        let mut stages: Vec<String> = Vec::new();
-        for row in table["statuses"].as_table().unwrap().values() {
-            if let Some(stage) = row.get("stage").and_then(|s| s.as_str()) {
-                if !stages.iter().any(|s| s == stage) {
-                    stages.push(stage.to_string());
-                }
-            }
-        }
-        let refs: Vec<&str> = stages.iter().map(String::as_str).collect();
-        sim.seed_pipeline(table["pipeline"]["name"].as_str().unwrap(), &refs);
-        for role in table["roles"].as_table().unwrap().values() {
-            for user in role["users"].as_array().unwrap() {
-                let user = user.as_str().unwrap().to_string();
-                if !users.contains(&user) {
-                    users.push(user);
-                }
-            }
-        }
-        let lead = table["lead"].as_table().unwrap();
-        let enums = lead
-            .get("enums")
-            .and_then(|e| e.as_table())
-            .cloned()
-            .unwrap_or_default();
-        for (slot, field) in lead["fields"].as_table().unwrap() {
-            let name = field.as_str().unwrap().to_string();
-            let options: Vec<String> = enums
-                .get(slot)
-                .and_then(|o| o.as_table())
-                .map(|o| {
-                    o.values()
-                        .map(|v| v.as_str().unwrap().to_string())
-                        .collect()
-                })
-                .unwrap_or_default();
-            match fields.iter_mut().find(|(n, _)| *n == name) {
-                Some((_, known)) => {
-                    for option in options {
-                        if !known.contains(&option) {
-                            known.push(option);
-                        }
-                    }
-                }
-                None => fields.push((name, options)),
-            }
-        }
-    }
-    for user in users {
-        sim.seed_user(&user);
-    }
-    for (name, options) in fields {
-        let refs: Vec<&str> = options.iter().map(String::as_str).collect();
-        let kind = if options.is_empty() { "text" } else { "select" };
-        sim.seed_lead_field(&name, kind, &refs);
-    }
+    orderbridge::demo::seed_crm_from_maps(sim, paths).unwrap();
 }

@@ -348,26 +348,7 @@ impl AmoClient {
     }
 
     async fn search_contacts(&self, query: &str) -> Result<Vec<Contact>, AmoError> {
-        let mut contacts = Vec::new();
-        for page in 1.. {
-            let answer = self
-                .call(
-                    Method::GET,
-                    "/api/v4/contacts",
-                    &[q("query", query), q("limit", PAGE), q("page", page)],
-                    None,
-                )
-                .await?;
-            let Some(hal) = answer.json::<wire::Hal<wire::Contacts>>("contacts")? else {
-                break;
-            };
-            let more = hal.has_next();
-            contacts.extend(hal.embedded.contacts.into_iter().map(contact_from_wire));
-            if !more {
-                break;
-            }
-        }
-        Ok(contacts)
+        self.contact_pages(vec![q("query", query)], None).await
     }
 
     /// Every contact changed since `since` (Unix seconds; `None`: all), in
@@ -377,15 +358,26 @@ impl AmoClient {
         &self,
         since: Option<i64>,
     ) -> Result<Vec<Contact>, AmoError> {
+        self.contact_pages(Vec::new(), since).await
+    }
+
+    /// All pages of `GET /api/v4/contacts` with `query` (plus paging).
+    async fn contact_pages(
+        &self,
+        query: Vec<(String, String)>,
+        modified_since: Option<i64>,
+    ) -> Result<Vec<Contact>, AmoError> {
         let mut contacts = Vec::new();
         for page in 1.. {
+            let mut params = query.clone();
+            params.extend([q("limit", PAGE), q("page", page)]);
             let answer = self
                 .call_since(
                     Method::GET,
                     "/api/v4/contacts",
-                    &[q("limit", PAGE), q("page", page)],
+                    &params,
                     None,
-                    since,
+                    modified_since,
                 )
                 .await?;
             let Some(hal) = answer.json::<wire::Hal<wire::Contacts>>("contacts")? else {
