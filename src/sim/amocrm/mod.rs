@@ -369,6 +369,12 @@ impl AmoSim {
         self.lock().refused_contact_values.push(value.to_string());
     }
 
+    /// From now on every answer (faults included) takes `delay` after the
+    /// request was carried out, as a real account's latency.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        self.lock().answer_delay = delay;
+    }
+
     pub fn unblock(&self) {
         let mut st = self.lock();
         st.blocked = false;

@@ -53,7 +53,7 @@ async fn handle(
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let path = uri.path().to_string();
     let raw_query = uri.query().unwrap_or_default().to_string();
-    let (front, jobs) = {
+    let (front, jobs, delay) = {
         let mut st = shared.lock();
         let mut changes = Vec::new();
         // The request is carried out, but its answer never arrives.
@@ -85,9 +85,12 @@ async fn handle(
             at: Instant::now(),
         });
         let jobs = st.hook_jobs(&changes);
-        (front, jobs)
+        (front, jobs, st.answer_delay)
     };
     hooks::spawn_all(&shared, jobs);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     match front {
         Front::Answer(reply) => respond(reply, &request_id),
         Front::Hold => {

@@ -242,6 +242,8 @@ pub(super) struct State {
     pub too_many: u32,
     pub blocked: bool,
     pub faults: VecDeque<Fault>,
+    /// How long every answer takes (a real account answers in 100–500 ms).
+    pub answer_delay: std::time::Duration,
     pub requests: Vec<SimRequest>,
     pub deliveries: Vec<SimDelivery>,
     pub refresh_calls: usize,
@@ -291,6 +293,7 @@ impl State {
             too_many: 0,
             blocked: false,
             faults: VecDeque::new(),
+            answer_delay: std::time::Duration::ZERO,
             requests: Vec::new(),
             deliveries: Vec::new(),
             refresh_calls: 0,
