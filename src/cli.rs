@@ -1,4 +1,5 @@
-//! The command line (clap): `run`, `migrate`, `check-config`, `dlq`, `bench`.
+//! The command line (clap): `run`, `demo`, `migrate`, `check-config`,
+//! `reconcile`, `dlq`, `circuit`, `map`, `bench`.
 //! Each command loads and validates the configuration first; nothing starts on
 //! an invalid one.
 
@@ -62,6 +63,10 @@ pub enum Command {
         #[arg(long)]
         online: bool,
     },
+    /// Compare the marketplaces' orders with the store and the leads in amoCRM,
+    /// and repair every difference through the outbox. Exit code 1 when
+    /// something could not be repaired.
+    Reconcile(ReconcileArgs),
     /// Inspect and replay dead-lettered jobs.
     Dlq {
         #[command(subcommand)]
@@ -82,6 +87,21 @@ pub enum Command {
         #[command(subcommand)]
         which: BenchWhich,
     },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReconcileArgs {
+    /// From when: a date (2026-12-01, the start of that day in Almaty), a
+    /// moment (RFC 3339), or a duration back from now (36h, 3d). Default: the
+    /// configured look-back (`reconcile.look_back`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only this shop (its name in config); default: every shop.
+    #[arg(long)]
+    pub shop: Option<String>,
+    /// Report what differs without changing anything.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,6 +253,23 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 if online { " against the live CRM" } else { "" }
             );
         }
+        Command::Reconcile(args) => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let on_signal = {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        stop.cancel();
+                    }
+                })
+            };
+            let summary = reconcile(&settings, &args, &stop).await?;
+            on_signal.abort();
+            println!("{}", summary_table(&summary));
+            if summary.failed > 0 {
+                std::process::exit(1);
+            }
+        }
         Command::Dlq { action } => dlq(&settings, action).await?,
         Command::Circuit { action } => circuit(&settings, action).await?,
         Command::Map {
@@ -280,6 +317,253 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Parses `--since`: a date (the start of that day in Almaty, UTC+5), an RFC
+/// 3339 moment, or a duration back from `now`; a moment in the future is refused.
+pub fn parse_since(
+    text: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    use chrono::TimeZone;
+    let text = text.trim();
+    let accepted = "give a date (2026-12-01), a moment (2026-12-01T18:00:00+05:00) or a duration back from now (36h, 3d)";
+    let at = if let Ok(back) = humantime::parse_duration(text) {
+        now - chrono::Duration::from_std(back)
+            .map_err(|_| anyhow::anyhow!("--since {text}: too far back; {accepted}"))?
+    } else if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        let almaty = chrono::FixedOffset::east_opt(5 * 3600)
+            .ok_or_else(|| anyhow::anyhow!("the Almaty offset"))?;
+        let start = date
+            .and_hms_opt(0, 0, 0)
+            .ok_or_else(|| anyhow::anyhow!("--since {text}: not a day; {accepted}"))?;
+        almaty
+            .from_local_datetime(&start)
+            .single()
+            .ok_or_else(|| anyhow::anyhow!("--since {text}: not a day; {accepted}"))?
+            .with_timezone(&chrono::Utc)
+    } else if let Ok(moment) = chrono::DateTime::parse_from_rfc3339(text) {
+        moment.with_timezone(&chrono::Utc)
+    } else {
+        anyhow::bail!("--since {text}: not understood; {accepted}");
+    };
+    anyhow::ensure!(
+        at <= now,
+        "--since {text}: that is in the future; {accepted}"
+    );
+    Ok(at)
+}
+
+/// `orderbridge reconcile`: one run per CRM account (or the shop's). A run
+/// goes to the daemon through the outbox when a live replica serves the
+/// account (its amoCRM reads then share the daemon's limiter), and the
+/// command follows it; otherwise the command carries it out itself. Progress
+/// bars on a terminal; `stop` (Ctrl-C) ends the runs early, keeping what is
+/// done.
+pub async fn reconcile(
+    settings: &Settings,
+    args: &ReconcileArgs,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<crate::sync::reconcile::Summary> {
+    use crate::store::reconcile as runs;
+    use crate::sync::reconcile::{Scope, Summary};
+    let now = chrono::Utc::now();
+    let since = match &args.since {
+        Some(text) => parse_since(text, now)?,
+        None => {
+            now - chrono::Duration::from_std(settings.reconcile.look_back)
+                .unwrap_or(chrono::Duration::days(2))
+        }
+    };
+    let scopes: Vec<Scope> = match &args.shop {
+        Some(shop) => {
+            let Some(found) = settings.shops.get(shop) else {
+                anyhow::bail!(
+                    "no shop `{shop}` in the configuration (shops: {})",
+                    settings
+                        .shops
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            vec![Scope {
+                crm_account: found.crm_account.clone(),
+                shop: Some(shop.clone()),
+                since,
+                dry_run: args.dry_run,
+            }]
+        }
+        None => {
+            let accounts: std::collections::BTreeSet<&String> =
+                settings.shops.values().map(|s| &s.crm_account).collect();
+            accounts
+                .into_iter()
+                .map(|account| Scope {
+                    crm_account: account.clone(),
+                    shop: None,
+                    since,
+                    dry_run: args.dry_run,
+                })
+                .collect()
+        }
+    };
+    let pool = crate::daemon::open_database(&settings.database).await?;
+    crate::store::ensure_schema_current(&pool).await?;
+    let bars = Bars::new();
+    let mut summaries = Vec::new();
+    let mut direct: Option<crate::sync::reconcile::Sources> = None;
+    for scope in scopes {
+        let target = format!("amocrm:{}", scope.crm_account);
+        let mut conn = pool.acquire().await?;
+        if runs::target_served(&pool, &target).await? {
+            let mut tx = pool.begin().await?;
+            let run_id = runs::create_run(
+                &mut tx,
+                &scope.crm_account,
+                scope.shop.as_deref(),
+                scope.since,
+                scope.dry_run,
+                "command",
+            )
+            .await?;
+            crate::store::outbox::enqueue(
+                &mut tx,
+                &crate::sync::reconcile::job(&scope.crm_account, run_id),
+            )
+            .await?;
+            tx.commit().await?;
+            eprintln!(
+                "reconcile: the daemon serves `{}`; run {run_id} goes through its outbox (sharing its amoCRM budget)",
+                scope.crm_account
+            );
+            let mut cancel_sent = false;
+            let summary = loop {
+                if stop.is_cancelled() && !cancel_sent {
+                    runs::request_cancel(&pool, run_id).await?;
+                    cancel_sent = true;
+                }
+                let run = runs::run(&pool, run_id)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("run {run_id} disappeared"))?;
+                if let Some(phase) = &run.phase {
+                    bars.show(
+                        phase,
+                        u64::try_from(run.done).unwrap_or(0),
+                        run.total.and_then(|t| u64::try_from(t).ok()),
+                    );
+                }
+                if let (Some(_), Some(summary)) = (run.finished_at, run.summary) {
+                    break serde_json::from_value::<Summary>(summary)?;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            };
+            summaries.push(summary);
+        } else {
+            if direct.is_none() {
+                direct = Some(crate::daemon::reconcile_sources(settings, &pool).await?);
+                // amoCRM counts each account's requests per second; a fresh
+                // limiter cannot know what a just-stopped daemon spent, so
+                // the first request waits out one window.
+                tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+            }
+            let Some(sources) = direct.as_ref() else {
+                continue;
+            };
+            let run_id = runs::create_run(
+                &mut conn,
+                &scope.crm_account,
+                scope.shop.as_deref(),
+                scope.since,
+                scope.dry_run,
+                "command",
+            )
+            .await?;
+            runs::mark_started(&pool, run_id).await?;
+            let progress =
+                |phase: &str, done: u64, total: Option<u64>| bars.show(phase, done, total);
+            let summary = sources.reconcile(&scope, &progress, stop).await?;
+            crate::sync::reconcile::report(&scope, &summary);
+            runs::finish(&pool, run_id, &serde_json::to_value(&summary)?).await?;
+            summaries.push(summary);
+        }
+    }
+    bars.finish();
+    Ok(Summary::total(summaries))
+}
+
+/// One progress bar per reconciliation phase (drawn only on a terminal).
+struct Bars {
+    multi: indicatif::MultiProgress,
+    current: std::sync::Mutex<Option<(String, indicatif::ProgressBar)>>,
+}
+
+impl Bars {
+    fn new() -> Bars {
+        Bars {
+            multi: indicatif::MultiProgress::new(),
+            current: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn show(&self, phase: &str, done: u64, total: Option<u64>) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_none_or(|(name, _)| name != phase) {
+            if let Some((_, bar)) = current.take() {
+                bar.finish();
+            }
+            let bar = self
+                .multi
+                .add(indicatif::ProgressBar::new(total.unwrap_or(0)));
+            let style = indicatif::ProgressStyle::with_template(
+                "{prefix:>16} [{bar:40}] {pos}/{len} {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(phase.to_string());
+            *current = Some((phase.to_string(), bar));
+        }
+        if let Some((_, bar)) = current.as_ref() {
+            if let Some(total) = total {
+                bar.set_length(total);
+            }
+            bar.set_position(done);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some((_, bar)) = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            bar.finish();
+        }
+    }
+}
+
+/// The summary as a table, then the failures' reasons.
+pub fn summary_table(summary: &crate::sync::reconcile::Summary) -> String {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header(vec!["outcome", "orders"]);
+    for (outcome, n) in summary.rows() {
+        table.add_row(vec![outcome.to_string(), n.to_string()]);
+    }
+    let mut text = table.to_string();
+    if summary.dry_run {
+        text.push_str("\ndry run: nothing was changed");
+    }
+    if summary.cancelled {
+        text.push_str("\nstopped early: what is counted was done completely; run again to finish");
+    }
+    for why in &summary.failures {
+        text.push_str(&format!("\nfailed: {why}"));
+    }
+    text
 }
 
 /// What the bridge would do for a status or a stage of one shop's map.

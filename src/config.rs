@@ -29,6 +29,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub telemetry: TelemetrySettings,
     pub outbox: OutboxSettings,
+    pub reconcile: ReconcileSettings,
     /// CRM accounts by name; shops refer to them by that name.
     #[serde(default)]
     pub crm_accounts: BTreeMap<String, CrmAccount>,
@@ -57,6 +58,21 @@ pub struct HttpSettings {
     /// events poll is the only intake of managers' moves.
     #[serde(default)]
     pub public_url: Option<String>,
+}
+
+/// The daemon's periodic reconciliation (and the command's default range).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSettings {
+    /// How often the daemon reconciles each CRM account; "0s" turns it off.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How far back a run reaches (further after a longer outage).
+    #[serde(with = "humantime_serde")]
+    pub look_back: Duration,
+    /// The longest a run may take before it is stopped and retried.
+    #[serde(with = "humantime_serde")]
+    pub run_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

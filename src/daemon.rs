@@ -172,10 +172,24 @@ pub async fn run_until(
             crate::sync::to_marketplace::MarketplaceActionHandler {
                 pool: pool.clone(),
                 maps: maps.clone(),
-                kaspi: started.kaspi,
-                avito: started.avito,
+                kaspi: started.kaspi.clone(),
+                avito: started.avito.clone(),
                 crm: crm_clients.clone(),
             },
+        )
+        .long_handler(
+            crate::sync::reconcile::RECONCILE_KIND,
+            crate::sync::reconcile::ReconcileHandler {
+                sources: crate::sync::reconcile::Sources {
+                    pool: pool.clone(),
+                    maps: maps.clone(),
+                    crm: crm_clients.clone(),
+                    kaspi: started.kaspi,
+                    avito: started.avito,
+                    shop_crm: shop_crm(&settings),
+                },
+            },
+            settings.reconcile.run_timeout,
         )
         .build();
     tracing::info!(clients = crm_clients.len(), "amoCRM clients ready.");
@@ -345,6 +359,40 @@ pub fn start_crm_tasks(
                 },
             )));
         }
+        if !settings.reconcile.interval.is_zero() {
+            let (p, s, account, interval, look_back) = (
+                pool.clone(),
+                shutdown.clone(),
+                name.clone(),
+                settings.reconcile.interval,
+                settings.reconcile.look_back,
+            );
+            tasks.push(tokio::spawn(supervise(
+                format!("reconcile_trigger:{name}"),
+                shutdown.clone(),
+                move || {
+                    let (pool, shutdown, account) = (p.clone(), s.clone(), account.clone());
+                    async move {
+                        // The pollers have their first go before the first run.
+                        let first = interval.min(std::time::Duration::from_secs(120));
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(first) => {}
+                        }
+                        every(interval, shutdown, || async {
+                            if let Err(error) = crate::sync::reconcile::enqueue_periodic(
+                                &pool, &account, interval, look_back,
+                            )
+                            .await
+                            {
+                                tracing::warn!(crm_account = %account, %error, "Could not queue the periodic reconciliation; the next round tries again.");
+                            }
+                        })
+                        .await
+                    }
+                },
+            )));
+        }
         let (c, p, s, interval) = (
             client.clone(),
             pool.clone(),
@@ -452,21 +500,7 @@ pub async fn start_pollers(
     for (name, shop) in &settings.shops {
         match shop.marketplace {
             MarketplaceKind::Kaspi => {
-                let token = shop
-                    .token
-                    .clone()
-                    .ok_or_else(|| DaemonError::Config(format!("shops.{name}.token is missing")))?;
-                let client = KaspiClient::new(
-                    KaspiShop {
-                        name: name.clone(),
-                        base_url: shop.base_url.clone(),
-                        token,
-                        merchant_uid: shop.merchant_uid.clone(),
-                        timeout: shop.request_timeout,
-                    },
-                    limiters.limiter(&format!("kaspi:{name}")),
-                )
-                .map_err(|e| DaemonError::Config(format!("shops.{name}: {e}")))?;
+                let client = kaspi_client(name, shop, limiters)?;
                 kaspi.insert(name.clone(), client.clone());
                 let (pool, target, interval, stop, lease) = (
                     pool.clone(),
@@ -493,24 +527,7 @@ pub async fn start_pollers(
                 )));
             }
             MarketplaceKind::Avito => {
-                let (Some(client_id), Some(client_secret)) =
-                    (shop.client_id.clone(), shop.client_secret.clone())
-                else {
-                    return Err(DaemonError::Config(format!(
-                        "shops.{name}: client_id and client_secret are required"
-                    )));
-                };
-                let client = AvitoClient::new(
-                    AvitoAccount {
-                        name: name.clone(),
-                        base_url: shop.base_url.clone(),
-                        client_id,
-                        client_secret,
-                        timeout: shop.request_timeout,
-                    },
-                    AvitoLimiters::from_registry(limiters, name),
-                )
-                .map_err(|e| DaemonError::Config(format!("shops.{name}: {e}")))?;
+                let client = avito_client(name, shop, limiters)?;
                 let crm_target = format!("amocrm:{}", shop.crm_account);
                 avito.insert(name.clone(), client.clone());
                 tracing::info!(shop = %name, every_s = shop.poll_interval.as_secs(), "Avito poller started.");
@@ -564,6 +581,97 @@ pub async fn start_pollers(
         kaspi,
         avito,
     })
+}
+
+fn kaspi_client(
+    name: &str,
+    shop: &crate::config::Shop,
+    limiters: &Limiters,
+) -> Result<KaspiClient, DaemonError> {
+    let token = shop
+        .token
+        .clone()
+        .ok_or_else(|| DaemonError::Config(format!("shops.{name}.token is missing")))?;
+    KaspiClient::new(
+        KaspiShop {
+            name: name.to_string(),
+            base_url: shop.base_url.clone(),
+            token,
+            merchant_uid: shop.merchant_uid.clone(),
+            timeout: shop.request_timeout,
+        },
+        limiters.limiter(&format!("kaspi:{name}")),
+    )
+    .map_err(|e| DaemonError::Config(format!("shops.{name}: {e}")))
+}
+
+fn avito_client(
+    name: &str,
+    shop: &crate::config::Shop,
+    limiters: &Limiters,
+) -> Result<AvitoClient, DaemonError> {
+    let (Some(client_id), Some(client_secret)) =
+        (shop.client_id.clone(), shop.client_secret.clone())
+    else {
+        return Err(DaemonError::Config(format!(
+            "shops.{name}: client_id and client_secret are required"
+        )));
+    };
+    AvitoClient::new(
+        AvitoAccount {
+            name: name.to_string(),
+            base_url: shop.base_url.clone(),
+            client_id,
+            client_secret,
+            timeout: shop.request_timeout,
+        },
+        AvitoLimiters::from_registry(limiters, name),
+    )
+    .map_err(|e| DaemonError::Config(format!("shops.{name}: {e}")))
+}
+
+/// Everything a reconciliation run reads from, built like the daemon's own
+/// (for `orderbridge reconcile` when no daemon serves the account).
+pub async fn reconcile_sources(
+    settings: &Settings,
+    pool: &sqlx::PgPool,
+) -> Result<crate::sync::reconcile::Sources, DaemonError> {
+    let limiters = limiters(settings);
+    let crm = amocrm_clients(settings, pool, &limiters).await?;
+    let maps = Arc::new(
+        crate::mapping::MapRegistry::load(crate::mapping::MapSource::from_settings(settings), &crm)
+            .await
+            .map_err(|problems| DaemonError::Maps(problems.join("\n  - ")))?,
+    );
+    let mut kaspi = BTreeMap::new();
+    let mut avito = BTreeMap::new();
+    for (name, shop) in &settings.shops {
+        match shop.marketplace {
+            MarketplaceKind::Kaspi => {
+                kaspi.insert(name.clone(), kaspi_client(name, shop, &limiters)?);
+            }
+            MarketplaceKind::Avito => {
+                avito.insert(name.clone(), avito_client(name, shop, &limiters)?);
+            }
+        }
+    }
+    Ok(crate::sync::reconcile::Sources {
+        pool: pool.clone(),
+        maps,
+        crm,
+        kaspi,
+        avito,
+        shop_crm: shop_crm(settings),
+    })
+}
+
+/// Shop name → CRM account name.
+pub fn shop_crm(settings: &Settings) -> BTreeMap<String, String> {
+    settings
+        .shops
+        .iter()
+        .map(|(name, shop)| (name.clone(), shop.crm_account.clone()))
+        .collect()
 }
 
 /// Avito messenger leads: the polling fallback over unread chats and the inbox

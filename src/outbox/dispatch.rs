@@ -262,10 +262,15 @@ async fn run_job(shared: Arc<Shared>, job: ClaimedJob, finish_tx: UnboundedSende
         None => RetryAction::permanent(format!("{}", OutboxError::UnknownKind(job.kind.clone()))),
         Some(handler) => {
             let run = AssertUnwindSafe(handler.call(&context)).catch_unwind();
-            match tokio::time::timeout(shared.config.handler_timeout, run).await {
+            let limit = shared
+                .timeouts
+                .get(&job.kind)
+                .copied()
+                .unwrap_or(shared.config.handler_timeout);
+            match tokio::time::timeout(limit, run).await {
                 Err(_) => RetryAction::timeout(format!(
                     "handler ran longer than {} ms",
-                    shared.config.handler_timeout.as_millis()
+                    limit.as_millis()
                 )),
                 Ok(Err(panic)) => RetryAction::retry(format!(
                     "handler panicked: {}",

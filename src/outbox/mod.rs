@@ -131,6 +131,7 @@ pub struct EngineBuilder {
     config: EngineConfig,
     owner: String,
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    timeouts: HashMap<String, Duration>,
     quotas: Vec<(String, RateQuota)>,
     limiters: Option<Arc<Limiters>>,
     clock: Arc<dyn Clock>,
@@ -141,6 +142,13 @@ impl EngineBuilder {
     pub fn handler<H: Handler>(mut self, kind: &str, handler: H) -> Self {
         self.handlers.insert(kind.to_string(), Arc::new(handler));
         self
+    }
+
+    /// Registers the handler of a job kind whose jobs may run longer than
+    /// `handler_timeout` (e.g. a reconciliation run), up to `timeout`.
+    pub fn long_handler<H: Handler>(mut self, kind: &str, handler: H, timeout: Duration) -> Self {
+        self.timeouts.insert(kind.to_string(), timeout);
+        self.handler(kind, handler)
     }
 
     /// Limits a target to a quota.
@@ -179,6 +187,7 @@ impl EngineBuilder {
                 owner: self.owner,
                 kinds: self.handlers.keys().cloned().collect(),
                 handlers: self.handlers,
+                timeouts: self.timeouts,
                 limiters: self
                     .limiters
                     .unwrap_or_else(|| Arc::new(Limiters::new(self.quotas))),
@@ -220,6 +229,8 @@ struct Shared {
     config: EngineConfig,
     owner: String,
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    /// Kinds allowed longer than `config.handler_timeout`.
+    timeouts: HashMap<String, Duration>,
     /// The kinds this replica claims (those it has handlers for).
     kinds: Vec<String>,
     limiters: Arc<Limiters>,
@@ -258,6 +269,7 @@ impl Engine {
             config,
             owner: default_owner(),
             handlers: HashMap::new(),
+            timeouts: HashMap::new(),
             quotas: Vec::new(),
             limiters: None,
             clock: Arc::new(SystemClock),

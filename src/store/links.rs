@@ -30,6 +30,12 @@ pub async fn get(pool: &PgPool, order_id: i64) -> Result<Option<Link>, StoreErro
 
 /// Records the lead an order became (and the stage the bridge set).
 pub async fn insert(pool: &PgPool, link: &Link) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await?;
+    insert_in(&mut conn, link).await
+}
+
+/// [`insert`] on the caller's connection (or inside its transaction).
+pub async fn insert_in(conn: &mut PgConnection, link: &Link) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO crm_links (order_id, crm_account, lead_id, contact_id, pushed_pipeline_id, pushed_status_id, pushed_at)
          VALUES ($1, $2, $3, $4, $5, $6, now())
@@ -42,7 +48,7 @@ pub async fn insert(pool: &PgPool, link: &Link) -> Result<(), StoreError> {
     .bind(link.contact_id)
     .bind(link.pushed_pipeline_id)
     .bind(link.pushed_status_id)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }

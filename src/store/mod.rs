@@ -7,6 +7,7 @@ pub mod inbox;
 pub mod links;
 pub mod orders;
 pub mod outbox;
+pub mod reconcile;
 pub mod tokens;
 
 use std::str::FromStr;

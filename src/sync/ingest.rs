@@ -29,24 +29,41 @@ pub fn order_key(marketplace: &str, account: &str, external_id: &str) -> String 
 
 /// The outbox intent for an order: ordered and deduplicated per order.
 pub fn crm_sync_job(order: &Order, order_id: i64, crm_target: &str) -> NewJob {
+    crm_sync_job_of(
+        &OrderRef {
+            marketplace: order.marketplace.as_str(),
+            account: &order.account,
+            external_id: &order.external_id,
+            code: &order.code,
+        },
+        order_id,
+        crm_target,
+    )
+}
+
+/// An order's identity, as a job names it.
+pub struct OrderRef<'a> {
+    pub marketplace: &'a str,
+    pub account: &'a str,
+    pub external_id: &'a str,
+    pub code: &'a str,
+}
+
+/// The CRM sync intent of an order known by its identity (a repair adds its
+/// own flags to the payload).
+pub fn crm_sync_job_of(order: &OrderRef<'_>, order_id: i64, crm_target: &str) -> NewJob {
     let key = format!(
         "{}:{}:{}",
-        order.marketplace.as_str(),
-        order.account,
-        order.external_id
+        order.marketplace, order.account, order.external_id
     );
     NewJob {
         kind: CRM_SYNC_KIND.to_string(),
         target: crm_target.to_string(),
-        ordering_key: order_key(
-            order.marketplace.as_str(),
-            &order.account,
-            &order.external_id,
-        ),
+        ordering_key: order_key(order.marketplace, order.account, order.external_id),
         dedupe_key: Some(format!("{CRM_SYNC_KIND}:{key}")),
         payload: serde_json::json!({
             "order_id": order_id,
-            "marketplace": order.marketplace.as_str(),
+            "marketplace": order.marketplace,
             "account": order.account,
             "external_id": order.external_id,
             "code": order.code,

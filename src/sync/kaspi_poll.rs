@@ -206,6 +206,16 @@ impl KaspiPoller {
         }
     }
 
+    /// Stores one listed order the way a poll does (its lines fetched when
+    /// neither the listing nor the store has them): for reconciliation.
+    pub(crate) async fn store_listed(
+        &self,
+        order: KaspiOrder,
+        have_items: bool,
+    ) -> Result<(), PollError> {
+        self.write(order, have_items).await.map(|_| ())
+    }
+
     /// Writes one order (fetching its lines first when it has none yet).
     async fn write(&self, mut order: KaspiOrder, have_items: bool) -> Result<WriteDone, PollError> {
         let mut entries_fetched = false;

@@ -13,6 +13,7 @@ pub mod crm_writer;
 pub mod ingest;
 pub mod kaspi_poll;
 pub mod messenger_leads;
+pub mod reconcile;
 pub mod to_crm;
 pub mod to_marketplace;
 

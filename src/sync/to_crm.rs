@@ -176,6 +176,18 @@ impl Handler for CrmSyncHandler {
         };
         match links::get(&self.pool, order_id).await? {
             Some(link) => {
+                // A repair (reconciliation found the lead elsewhere) moves it
+                // even when the bridge believes it set that stage already.
+                let force_stage = job.payload["force_stage"].as_bool() == Some(true);
+                let link = if force_stage {
+                    Link {
+                        pushed_pipeline_id: None,
+                        pushed_status_id: None,
+                        ..link
+                    }
+                } else {
+                    link
+                };
                 self.update(client, writer, map, &order, order_id, &link, stage)
                     .await
             }
@@ -194,6 +206,7 @@ impl Handler for CrmSyncHandler {
                     map,
                     order_id,
                     stage,
+                    replaces_lead: job.payload["replaces_lead"].as_i64(),
                 };
                 self.create(&target, &order, recover).await
             }
@@ -229,6 +242,8 @@ struct Creation<'a> {
     map: &'a RoutingMap,
     order_id: i64,
     stage: (u64, u64),
+    /// The order's previous lead, deleted in the CRM (reconciliation recreates it).
+    replaces_lead: Option<i64>,
 }
 
 impl CrmSyncHandler {
@@ -511,6 +526,19 @@ impl CrmSyncHandler {
             .await?;
         }
         self.link(to, order, created.lead_id, contact_id).await?;
+        if let Some(previous) = to.replaces_lead {
+            tracing::warn!(order = %order.code, previous_lead = previous, lead_id = created.lead_id,
+                "The order's lead had been deleted in amoCRM; recreated.");
+            to.client
+                .add_notes(&[NewNote {
+                    request_id: format!("recreated-{}", order.code),
+                    lead_id: created.lead_id,
+                    text: format!(
+                        "orderbridge: this order's lead {previous} was deleted in amoCRM; reconciliation recreated it in the order's current stage."
+                    ),
+                }])
+                .await?;
+        }
         // What the marketplace left out is said on the lead, not guessed.
         let mut missing = Vec::new();
         if order.customer.phone.is_none() {

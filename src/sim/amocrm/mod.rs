@@ -339,6 +339,24 @@ impl AmoSim {
         hooks::spawn_all(self.shared(), jobs);
     }
 
+    /// Someone deletes a lead in the UI: the API no longer returns it (its
+    /// links go with it). No webhook or event reports it.
+    pub fn delete_lead(&self, lead_id: u64) {
+        let mut st = self.lock();
+        st.leads.remove(&lead_id);
+        st.links.retain(|l| l.lead_id != lead_id);
+    }
+
+    /// The lead's stage changes without any webhook or event (an import, a
+    /// broken integration, a change the bridge never heard of).
+    pub fn drift_lead_stage(&self, lead_id: u64, pipeline_id: u64, status_id: u64) {
+        let mut st = self.lock();
+        if let Some(lead) = st.leads.get_mut(&lead_id) {
+            lead.pipeline_id = pipeline_id;
+            lead.status_id = status_id;
+        }
+    }
+
     /// A manager types a value into a lead's text field in the UI: the lead
     /// changes and `update_lead` webhooks fire. An unknown lead or field is ignored.
     pub fn manager_sets_lead_field(
