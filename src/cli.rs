@@ -67,6 +67,11 @@ pub enum Command {
     /// and repair every difference through the outbox. Exit code 1 when
     /// something could not be repaired.
     Reconcile(ReconcileArgs),
+    /// One order's story across the marketplace, the bridge and amoCRM.
+    Order {
+        #[command(subcommand)]
+        action: OrderAction,
+    },
     /// Inspect and replay dead-lettered jobs.
     Dlq {
         #[command(subcommand)]
@@ -102,6 +107,23 @@ pub struct ReconcileArgs {
     /// Report what differs without changing anything.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrderAction {
+    /// The order's timeline, oldest first: marketplace statuses, the bridge's
+    /// moves and notes, jobs and every attempt, the CRM changes of its lead,
+    /// marketplace actions and their answers.
+    Show {
+        /// The order's code (the number people see).
+        code: String,
+        /// The shop, when several have an order with this code.
+        #[arg(long)]
+        shop: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,6 +292,18 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Order {
+            action: OrderAction::Show { code, shop, json },
+        } => match order_show(&settings, &code, shop.as_deref(), json).await? {
+            Some(text) => println!("{text}"),
+            None => {
+                eprintln!(
+                    "orderbridge: no order with code {code}{}",
+                    shop.map(|s| format!(" in shop `{s}`")).unwrap_or_default()
+                );
+                std::process::exit(1);
+            }
+        },
         Command::Dlq { action } => dlq(&settings, action).await?,
         Command::Circuit { action } => circuit(&settings, action).await?,
         Command::Map {
@@ -543,6 +577,95 @@ impl Bars {
             bar.finish();
         }
     }
+}
+
+/// `orderbridge order show`: the order's timeline as a table (or JSON);
+/// `None` when no order has the code. Several shops with the code and no
+/// `--shop`: an error naming them.
+pub async fn order_show(
+    settings: &Settings,
+    code: &str,
+    shop: Option<&str>,
+    json: bool,
+) -> anyhow::Result<Option<String>> {
+    use crate::store::timeline;
+    let pool = crate::daemon::open_database(&settings.database).await?;
+    crate::store::ensure_schema_current(&pool).await?;
+    let found = timeline::find_by_code(&pool, code, shop).await?;
+    let order = match found.as_slice() {
+        [] => return Ok(None),
+        [one] => one.clone(),
+        many => anyhow::bail!(
+            "order {code} exists in several shops ({}); give --shop",
+            many.iter()
+                .map(|o| o.account.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let key =
+        crate::sync::ingest::order_key(&order.marketplace, &order.account, &order.external_id);
+    let entries = timeline::entries(&pool, &order, &key).await?;
+    let lead_url = match (&order.crm_account, order.lead_id) {
+        (Some(account), Some(lead)) => settings
+            .crm_accounts
+            .get(account)
+            .map(|crm| format!("{}/leads/detail/{lead}", crm.base_url.trim_end_matches('/'))),
+        _ => None,
+    };
+    if json {
+        let value = serde_json::json!({
+            "order": {
+                "code": order.code,
+                "marketplace": order.marketplace,
+                "shop": order.account,
+                "external_id": order.external_id,
+                "status": order.status_key,
+                "final": order.is_terminal,
+                "created_at": order.source_created_at,
+            },
+            "crm": {
+                "account": order.crm_account,
+                "lead_id": order.lead_id,
+                "contact_id": order.contact_id,
+                "lead_url": lead_url,
+            },
+            "timeline": entries,
+        });
+        return Ok(Some(serde_json::to_string_pretty(&value)?));
+    }
+    let mut text = format!(
+        "order {} ({} shop `{}`, id {}): {}{}\n",
+        order.code,
+        order.marketplace,
+        order.account,
+        order.external_id,
+        order.status_key,
+        if order.is_terminal { " (final)" } else { "" }
+    );
+    match (order.lead_id, &lead_url) {
+        (Some(lead), Some(url)) => text.push_str(&format!(
+            "lead {lead}, contact {}: {url}\n",
+            order
+                .contact_id
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "none".into())
+        )),
+        _ => text.push_str("no lead yet\n"),
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header(vec!["at (UTC)", "where", "what", "detail"]);
+    for entry in &entries {
+        table.add_row(vec![
+            entry.at.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+            entry.source.clone(),
+            entry.what.clone(),
+            entry.detail.clone(),
+        ]);
+    }
+    text.push_str(&table.to_string());
+    Ok(Some(text))
 }
 
 /// The summary as a table, then the failures' reasons.

@@ -433,3 +433,108 @@ async fn a_since_in_the_future_or_unparsable_is_refused_with_what_is_accepted() 
         "the day starts in Almaty"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_show_tells_a_retried_job_and_a_managers_action_step_by_step() {
+    let w = world().await;
+    let manager = w.amo.seed_user("Менеджер смены");
+    let now = chrono::Utc::now().timestamp_millis();
+    let (stop, task) = w.start_daemon();
+    let readyz = format!("http://{}/readyz", w.settings.http.listen);
+    wait_for(
+        "the daemon ready (maps resolved)",
+        Duration::from_secs(30),
+        || async {
+            reqwest::get(&readyz)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
+    .await;
+    // The first lead creation meets a 500 and is retried.
+    w.amo.inject_on(
+        "/api/v4/leads/complex",
+        orderbridge::sim::amocrm::Fault::ServerError,
+        1,
+    );
+    let order = w
+        .kaspi
+        .create_order(SimOrderSpec::new("73000001", now - 60_000));
+    wait_for("the lead", Duration::from_secs(60), || async {
+        w.link_of("73000001").await.is_some()
+    })
+    .await;
+    let lead = w.link_of("73000001").await.unwrap() as u64;
+    let accepted = w.stage_id("В работе / Сборка");
+    let pipeline = w.amo.lead(lead).unwrap().pipeline_id;
+    w.amo.manager_moves_lead(lead, pipeline, accepted, manager);
+    wait_for("Kaspi accepts", Duration::from_secs(30), || async {
+        w.kaspi
+            .order(&order.id)
+            .is_some_and(|o| o.status == "ACCEPTED_BY_MERCHANT")
+    })
+    .await;
+    wait_for("the poll sees it", Duration::from_secs(30), || async {
+        count(
+            &w.db.pool,
+            "SELECT count(*) FROM orders WHERE status_key = 'accepted'",
+        )
+        .await
+            == 1
+            && count(&w.db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    let text = orderbridge::cli::order_show(&w.settings, "73000001", None, false)
+        .await
+        .unwrap()
+        .unwrap();
+    println!("{text}");
+    let json: serde_json::Value = serde_json::from_str(
+        &orderbridge::cli::order_show(&w.settings, "73000001", None, true)
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["crm"]["lead_id"], lead);
+    let steps: Vec<(String, String)> = json["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["what"].as_str().unwrap().to_string(),
+                e["detail"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let position = |what: &str, detail: &str| {
+        steps
+            .iter()
+            .position(|(w, d)| w.contains(what) && d.contains(detail))
+            .unwrap_or_else(|| panic!("no step {what} / {detail} in {steps:#?}"))
+    };
+    let seen = position("status", "new");
+    let failed = position("crm_sync_order attempt 1", "retry");
+    let created = position("lead_created", &format!("lead {lead}"));
+    let move_seen = position("lead_status", &format!("stage {accepted}"));
+    let applied = position("action_applied", "accept");
+    let kaspi_status = position("status", "new → accepted");
+    assert!(seen < failed && failed < created, "{steps:#?}");
+    assert!(
+        created < move_seen && move_seen < applied && applied < kaspi_status,
+        "{steps:#?}"
+    );
+    position("marketplace_action attempt 1", "success");
+    assert!(
+        orderbridge::cli::order_show(&w.settings, "99999999", None, false)
+            .await
+            .unwrap()
+            .is_none(),
+        "an unknown code is said so"
+    );
+    stop.cancel();
+    task.await.unwrap();
+    let World { db, .. } = w;
+    db.drop_now().await.unwrap();
+}

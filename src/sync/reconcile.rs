@@ -526,7 +526,7 @@ impl Sources {
             };
             let Some(repair) = repair else { continue };
             if scope.dry_run {
-                tracing::info!(order = %order.code, repair = ?repair, "Dry run: would repair.");
+                tracing::info!(order = %order.code, repair = %repair.describe(), "Dry run: would repair.");
                 continue;
             }
             match self
@@ -619,7 +619,9 @@ impl Sources {
         }
         crate::store::outbox::enqueue(&mut tx, &job).await?;
         tx.commit().await?;
-        tracing::info!(order = %order.code, repair = ?repair, "Reconciliation queued a repair.");
+        let what = repair.describe();
+        tracing::info!(order = %order.code, repair = %what, "Reconciliation queued a repair.");
+        crate::store::timeline::record(&self.pool, order.order_id, "reconcile", &what).await;
         Ok(())
     }
 }
@@ -668,6 +670,19 @@ enum Repair {
     Move,
     Recreate { previous: i64 },
     Relink(Lead),
+}
+
+impl Repair {
+    fn describe(&self) -> String {
+        match self {
+            Repair::Create => "no lead in amoCRM: its creation is queued".into(),
+            Repair::Move => "the lead was in another stage than the map gives: moved back".into(),
+            Repair::Recreate { previous } => {
+                format!("lead {previous} was deleted in amoCRM: a new one is queued")
+            }
+            Repair::Relink(lead) => format!("lead {} found by the order code and linked", lead.id),
+        }
+    }
 }
 
 /// The leads read in phase 2, by id and by (field id, value) of their fields.

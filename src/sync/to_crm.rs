@@ -24,7 +24,7 @@ use crate::domain::Order;
 use crate::mapping::{MapRegistry, Route, RoutingMap};
 use crate::outbox::{Handler, JobContext, RetryAction};
 use crate::store::links::{self, Link};
-use crate::store::{orders, StoreError};
+use crate::store::{orders, timeline, StoreError};
 use crate::sync::contact_index;
 use crate::sync::crm_writer::{CrmWriter, WriteError};
 
@@ -327,8 +327,31 @@ impl CrmSyncHandler {
         }
         let (Some((pipeline_id, status_id)), Some(intended_at)) = (move_to, intended_at) else {
             tracing::info!(order = %order.code, lead_id = link.lead_id, "The lead's fields follow the order's changed content.");
+            timeline::record(
+                &self.pool,
+                order_id,
+                "lead_updated",
+                "the lead's fields and price follow the order's changed content",
+            )
+            .await;
             return Ok(());
         };
+        timeline::record(
+            &self.pool,
+            order_id,
+            "lead_moved",
+            &format!(
+                "lead {} moved to stage {status_id} (status {}){}",
+                link.lead_id,
+                order.status,
+                if content_changed {
+                    ", fields updated"
+                } else {
+                    ""
+                }
+            ),
+        )
+        .await;
         if !links::set_pushed_since(
             &self.pool,
             order_id,
@@ -360,6 +383,16 @@ impl CrmSyncHandler {
                 }])
                 .await?;
             metrics::counter!("orderbridge_conflicts_total", "marketplace" => order.marketplace.as_str()).increment(1);
+            timeline::record(
+                &self.pool,
+                order_id,
+                "conflict",
+                &format!(
+                    "a manager's move lost to the final status {}; noted on the lead",
+                    order.status
+                ),
+            )
+            .await;
         }
         tracing::info!(order = %order.code, lead_id = link.lead_id, status = %order.status, "Lead moved to the mapped stage.");
         Ok(())
@@ -382,6 +415,13 @@ impl CrmSyncHandler {
             let existing = find_lead_by_code(to.client, to.map, &order.code).await?;
             if let Some(lead) = existing {
                 tracing::warn!(order = %order.code, lead_id = lead.id, "Found the order's lead by its code; linking it instead of creating a second one.");
+                timeline::record(
+                    &self.pool,
+                    to.order_id,
+                    "lead_found",
+                    &format!("lead {} found again by the order code and linked", lead.id),
+                )
+                .await;
                 if (lead.pipeline_id, lead.status_id) != (pipeline_id, status_id) {
                     // Brought to the order's current stage before it is linked.
                     links::record_push(
@@ -526,7 +566,44 @@ impl CrmSyncHandler {
             .await?;
         }
         self.link(to, order, created.lead_id, contact_id).await?;
+        timeline::record(
+            &self.pool,
+            to.order_id,
+            "lead_created",
+            &format!(
+                "lead {} in stage {status_id}, contact {} ({})",
+                created.lead_id,
+                contact_id
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "none".into()),
+                if existing_contact.is_some() {
+                    "existing"
+                } else {
+                    "new"
+                }
+            ),
+        )
+        .await;
+        if let Some(reason) = &contact_refused {
+            timeline::record(
+                &self.pool,
+                to.order_id,
+                "contact_refused",
+                &format!("amoCRM refused the contact's phone/email: {reason}; the contact has the name only"),
+            )
+            .await;
+        }
         if let Some(previous) = to.replaces_lead {
+            timeline::record(
+                &self.pool,
+                to.order_id,
+                "lead_recreated",
+                &format!(
+                    "lead {previous} was deleted in amoCRM; lead {} replaces it (note written)",
+                    created.lead_id
+                ),
+            )
+            .await;
             tracing::warn!(order = %order.code, previous_lead = previous, lead_id = created.lead_id,
                 "The order's lead had been deleted in amoCRM; recreated.");
             to.client
@@ -549,6 +626,16 @@ impl CrmSyncHandler {
         }
         if !missing.is_empty() {
             tracing::info!(order = %order.code, missing = ?missing, "The order came without some parts; the lead says so.");
+            timeline::record(
+                &self.pool,
+                to.order_id,
+                "note",
+                &format!(
+                    "the order came without {}; noted on the lead",
+                    missing.join(" and ")
+                ),
+            )
+            .await;
             to.client
                 .add_notes(&[NewNote {
                     request_id: format!("missing-{}", order.code),

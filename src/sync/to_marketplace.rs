@@ -364,6 +364,32 @@ impl Handler for MarketplaceActionHandler {
                 )))
             }
         };
+        if let Some(order_id) = job.payload["order_id"].as_i64() {
+            let timeline = crate::store::timeline::record;
+            match &applied {
+                Applied::Done => {
+                    timeline(
+                        &self.pool,
+                        order_id,
+                        "action_applied",
+                        &format!("«{action}» applied at {marketplace}"),
+                    )
+                    .await
+                }
+                Applied::Refused(reason) => {
+                    timeline(
+                        &self.pool,
+                        order_id,
+                        "action_refused",
+                        &format!(
+                            "«{action}» not applied at {marketplace}: {reason}; the lead goes back"
+                        ),
+                    )
+                    .await
+                }
+                Applied::Nothing => {}
+            }
+        }
         if let Applied::Refused(reason) = applied {
             // Not sent (or refused): the manager learns why on the lead, and
             // the lead goes back to the stage of the order's marketplace status.

@@ -324,6 +324,15 @@ impl AmoSim {
         }
     }
 
+    /// The next `times` calls whose path starts with `path` get `fault`
+    /// (before any unscoped fault); `LoseAnswer` is not scoped.
+    pub fn inject_on(&self, path: &str, fault: Fault, times: usize) {
+        let mut st = self.lock();
+        for _ in 0..times {
+            st.path_faults.push((path.to_string(), fault));
+        }
+    }
+
     /// A manager moves the lead in the UI: the lead changes, a `lead_status_changed`
     /// event is recorded with `created_by = user_id`, and webhooks fire.
     /// An unknown lead is ignored.

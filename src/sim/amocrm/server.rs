@@ -127,7 +127,12 @@ fn decide(
     if st.blocked {
         return Front::Answer(Reply::html(403, "Forbidden"));
     }
-    if let Some(fault) = st.faults.pop_front() {
+    let scoped = st
+        .path_faults
+        .iter()
+        .position(|(prefix, _)| path.starts_with(prefix.as_str()))
+        .map(|i| st.path_faults.remove(i).1);
+    if let Some(fault) = scoped.or_else(|| st.faults.pop_front()) {
         return match fault {
             Fault::ServerError => {
                 let mut body = problem_body(500, "Internal Server Error", "Internal Server Error");

@@ -242,6 +242,8 @@ pub(super) struct State {
     pub too_many: u32,
     pub blocked: bool,
     pub faults: VecDeque<Fault>,
+    /// Faults for requests whose path starts with the prefix (first match first).
+    pub path_faults: Vec<(String, Fault)>,
     /// How long every answer takes (a real account answers in 100–500 ms).
     pub answer_delay: std::time::Duration,
     pub requests: Vec<SimRequest>,
@@ -293,6 +295,7 @@ impl State {
             too_many: 0,
             blocked: false,
             faults: VecDeque::new(),
+            path_faults: Vec::new(),
             answer_delay: std::time::Duration::ZERO,
             requests: Vec::new(),
             deliveries: Vec::new(),
