@@ -183,6 +183,8 @@ pub enum BenchWhich {
     Kaspi(crate::bench::kaspi::KaspiBenchArgs),
     /// Avito transitions against the simulator's (scaled) per-minute limit.
     Avito(crate::bench::avito::AvitoBenchArgs),
+    /// Reconciliation: 5,000 orders with leads, 200 drifts planted, one run.
+    Reconcile(crate::bench::reconcile::ReconcileBenchArgs),
 }
 
 /// Exit code for an invalid configuration.
@@ -329,6 +331,11 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             which: BenchWhich::Outbox(args),
         } => {
             crate::bench::outbox::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Bench {
+            which: BenchWhich::Reconcile(args),
+        } => {
+            crate::bench::reconcile::run(&settings, &args, &mut std::io::stdout()).await?;
         }
         Command::Bench {
             which: BenchWhich::Avito(args),

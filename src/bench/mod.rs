@@ -6,3 +6,4 @@ pub mod amocrm;
 pub mod avito;
 pub mod kaspi;
 pub mod outbox;
+pub mod reconcile;

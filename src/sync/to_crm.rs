@@ -341,8 +341,9 @@ impl CrmSyncHandler {
             order_id,
             "lead_moved",
             &format!(
-                "lead {} moved to stage {status_id} (status {}){}",
+                "lead {} moved to stage «{}» ({status_id}) for status {}{}",
                 link.lead_id,
+                stage_name(map, order),
                 order.status,
                 if content_changed {
                     ", fields updated"
@@ -571,8 +572,9 @@ impl CrmSyncHandler {
             to.order_id,
             "lead_created",
             &format!(
-                "lead {} in stage {status_id}, contact {} ({})",
+                "lead {} in stage «{}» ({status_id}), contact {} ({})",
                 created.lead_id,
+                stage_name(to.map, order),
                 contact_id
                     .map(|c| c.to_string())
                     .unwrap_or_else(|| "none".into()),
@@ -708,6 +710,14 @@ impl CrmSyncHandler {
         let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
         links::remember_contact(&mut conn, to.crm_account, contact.id as i64, e164, None).await?;
         Ok(Some(contact.id))
+    }
+}
+
+/// The name of the stage the map gives the order's status (for the timeline).
+fn stage_name(map: &RoutingMap, order: &Order) -> String {
+    match map.route(order.status.as_str()) {
+        Some(Route::Stage { stage, .. }) => stage.clone(),
+        _ => "?".into(),
     }
 }
 
