@@ -643,6 +643,17 @@ pub async fn reconcile_sources(
             .await
             .map_err(|problems| DaemonError::Maps(problems.join("\n  - ")))?,
     );
+    // amoCRM may refuse the first reads (a 429 while another process's
+    // requests are still in its window): resolve again a few times.
+    for _ in 0..3 {
+        if !maps.any_offline() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        maps.reload(&crm)
+            .await
+            .map_err(|problems| DaemonError::Maps(problems.join("\n  - ")))?;
+    }
     let mut kaspi = BTreeMap::new();
     let mut avito = BTreeMap::new();
     for (name, shop) in &settings.shops {

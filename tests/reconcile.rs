@@ -28,6 +28,10 @@ struct World {
 }
 
 async fn world() -> World {
+    world_reconciling_every("0s").await
+}
+
+async fn world_reconciling_every(interval: &str) -> World {
     let db = fresh_db().await;
     let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
     let amo = AmoSim::start(AmoSimConfig {
@@ -54,7 +58,7 @@ listen = "127.0.0.1:{port}"
 [telemetry]
 log_filter = "warn"
 [reconcile]
-interval = "0s"
+interval = "{interval}"
 [crm_accounts.main]
 base_url = "{amo}"
 subdomain = "example"
@@ -535,6 +539,94 @@ async fn order_show_tells_a_retried_job_and_a_managers_action_step_by_step() {
     );
     stop.cancel();
     task.await.unwrap();
+    let World { db, .. } = w;
+    db.drop_now().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_reconciles_by_itself_and_a_stopped_run_changes_nothing() {
+    let w = world_reconciling_every("2s").await;
+    let now = chrono::Utc::now().timestamp_millis();
+    for i in 0..3 {
+        w.kaspi
+            .create_order(SimOrderSpec::new(&format!("7400000{i}"), now - 60_000 + i));
+    }
+    let (stop, task) = w.start_daemon();
+    wait_for("three leads", Duration::from_secs(60), || async {
+        count(&w.db.pool, "SELECT count(*) FROM crm_links").await == 3
+    })
+    .await;
+    // A lead deleted in amoCRM while the daemon runs: no webhook tells it.
+    let deleted = w.link_of("74000001").await.unwrap() as u64;
+    w.amo.delete_lead(deleted);
+    wait_for(
+        "the periodic run recreates it",
+        Duration::from_secs(30),
+        || async { w.leads_of("74000001").len() == 1 },
+    )
+    .await;
+    let periodic = count(
+        &w.db.pool,
+        "SELECT count(*) FROM reconcile_runs WHERE origin = 'periodic' AND finished_at IS NOT NULL
+           AND (summary->>'recreated')::int = 1",
+    )
+    .await;
+    assert_eq!(periodic, 1, "one periodic run found the deleted lead");
+    stop.cancel();
+    task.await.unwrap();
+
+    // Ctrl-C before anything was read: a summary that says so, nothing changed.
+    let sources = orderbridge::daemon::reconcile_sources(&w.settings, &w.db.pool)
+        .await
+        .unwrap();
+    let cancelled = CancellationToken::new();
+    cancelled.cancel();
+    w.amo
+        .delete_lead(w.link_of("74000002").await.unwrap() as u64);
+    let jobs_before = count(&w.db.pool, "SELECT count(*) FROM outbox_jobs").await;
+    let summary = sources
+        .reconcile(
+            &orderbridge::sync::reconcile::Scope {
+                crm_account: "main".into(),
+                shop: None,
+                since: chrono::Utc::now() - chrono::Duration::days(1),
+                dry_run: false,
+            },
+            &|_: &str, _: u64, _: Option<u64>| {},
+            &cancelled,
+        )
+        .await
+        .unwrap();
+    assert!(summary.cancelled);
+    assert_eq!(summary.repaired, 0);
+    assert_eq!(
+        count(&w.db.pool, "SELECT count(*) FROM outbox_jobs").await,
+        jobs_before
+    );
+
+    // Kaspi failing: the marketplace phase reports it, the CRM phase goes on.
+    w.kaspi
+        .inject(orderbridge::sim::kaspi::KaspiFault::ServerError, 3);
+    let summary = sources
+        .reconcile(
+            &orderbridge::sync::reconcile::Scope {
+                crm_account: "main".into(),
+                shop: None,
+                since: chrono::Utc::now() - chrono::Duration::days(1),
+                dry_run: false,
+            },
+            &|_: &str, _: u64, _: Option<u64>| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.failed, 1, "{summary:?}");
+    assert!(
+        summary.failures[0].contains("kaspi_main") && summary.failures[0].contains("500"),
+        "{:?}",
+        summary.failures
+    );
+    assert_eq!(summary.recreated, 1, "the CRM phase still ran: {summary:?}");
     let World { db, .. } = w;
     db.drop_now().await.unwrap();
 }
