@@ -149,6 +149,27 @@ async fn beat(shared: &Shared, with_gauges: bool) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// [`run_listener`], started again (after a second) if it panics; counted in
+/// `orderbridge_part_restarts_total{part="outbox_listener"}`. The poll tick
+/// covers for it meanwhile.
+pub(super) async fn run_listener_supervised(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let task = tokio::spawn(run_listener(shared.clone(), stop.clone()));
+        match task.await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::error!(part = "outbox_listener", %error, "The outbox's LISTEN task failed; restarting it in 1 s.");
+                metrics::counter!("orderbridge_part_restarts_total", "part" => "outbox_listener")
+                    .increment(1);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Listens for enqueue notifications; on a lost connection the polling
 /// fallback covers the gap and the listener reconnects.
 pub(super) async fn run_listener(shared: Arc<Shared>, stop: CancellationToken) {

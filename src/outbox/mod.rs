@@ -311,7 +311,7 @@ impl Engine {
             self.shared.clone(),
             stop_background.clone(),
         )));
-        let listener = AbortOnDrop(tokio::spawn(heartbeat::run_listener(
+        let listener = AbortOnDrop(tokio::spawn(heartbeat::run_listener_supervised(
             self.shared.clone(),
             stop_background.clone(),
         )));
