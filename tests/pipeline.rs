@@ -913,3 +913,62 @@ async fn a_contact_amocrm_refuses_never_loses_the_lead() {
     let Bridge { db, .. } = b;
     db.drop_now().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buyers_with_an_email_and_no_phone_are_matched_by_email() {
+    let b = bridge().await;
+    let (db, kaspi, amo) = (&b.db, &b.kaspi, &b.amo);
+    let known = amo.seed_contact("Айгерим", &[], &["Aigerim@Example.kz"]);
+    let engine = start(
+        Engine::builder(db.pool.clone(), test_config())
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+    );
+    let now = chrono::Utc::now().timestamp_millis();
+    // Orders as a source that gives an email and no phone would give them.
+    let emails = [
+        "aigerim@example.kz",
+        "new.buyer@example.kz",
+        "NEW.buyer@example.kz",
+    ];
+    for (i, email) in emails.iter().enumerate() {
+        let created = kaspi.create_order(SimOrderSpec::new(
+            &format!("75000{i}"),
+            now - 60_000 + i as i64,
+        ));
+        let mut order = b.kaspi_client.order(&created.id).await.unwrap().unwrap();
+        order.order.customer.phone = None;
+        order.order.customer.email = orderbridge::domain::Email::parse(email);
+        orderbridge::sync::ingest::write_order(
+            &db.pool,
+            &order.order,
+            &order.content_hash,
+            "amocrm:main",
+        )
+        .await
+        .unwrap();
+    }
+    wait_for("three leads", Duration::from_secs(30), || async {
+        count(&db.pool, "SELECT count(*) FROM crm_links").await == 3
+            && count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    let contacts = amo.contacts();
+    assert_eq!(
+        contacts.len(),
+        2,
+        "the known buyer matched, the new one created once: {contacts:?}"
+    );
+    let new = contacts.iter().find(|c| c.id != known).unwrap();
+    assert_eq!(new.emails, vec!["new.buyer@example.kz".to_string()]);
+    let leads = amo.leads();
+    let with = |contact: u64| {
+        leads
+            .iter()
+            .filter(|l| l.contact_ids == vec![contact])
+            .count()
+    };
+    assert_eq!((with(known), with(new.id)), (1, 2));
+    engine.stop().await;
+    let Bridge { db, .. } = b;
+    db.drop_now().await.unwrap();
+}

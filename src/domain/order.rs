@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::contact::Phone;
+use super::contact::{Email, Phone};
 
 /// The marketplaces orderbridge knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -68,6 +68,10 @@ pub struct Customer {
     /// Normalised; `None` when the marketplace sent none or it did not parse.
     #[serde(with = "phone_serde")]
     pub phone: Option<Phone>,
+    /// Normalised (lower-cased); no marketplace of today sends one, a partner
+    /// source may. A buyer with an email and no phone is matched by it.
+    #[serde(default, with = "email_serde")]
+    pub email: Option<Email>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -118,6 +122,23 @@ pub struct Order {
     pub cancellation_reason: Option<String>,
     /// Empty until the lines were read.
     pub items: Vec<OrderItem>,
+}
+
+mod email_serde {
+    use super::Email;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(email: &Option<Email>, s: S) -> Result<S::Ok, S::Error> {
+        match email {
+            Some(e) => s.serialize_some(e.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Email>, D::Error> {
+        let raw: Option<String> = Option::deserialize(d)?;
+        Ok(raw.and_then(|r| Email::parse(&r)))
+    }
 }
 
 mod phone_serde {

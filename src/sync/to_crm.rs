@@ -411,6 +411,11 @@ impl CrmSyncHandler {
             .phone
             .as_ref()
             .map(|p| p.as_e164().to_string());
+        let email = order
+            .customer
+            .email
+            .as_ref()
+            .map(|e| e.as_str().to_string());
         if recover {
             // After a crash between "lead created" and "link stored": find it again.
             let existing = find_lead_by_code(to.client, to.map, &order.code).await?;
@@ -451,26 +456,34 @@ impl CrmSyncHandler {
                         to.crm_account,
                         contact_id as i64,
                         e164.as_deref(),
-                        None,
+                        email.as_deref(),
                     )
                     .await?;
                 }
                 return self.link(to, order, lead.id, contact_id).await;
             }
         }
-        // One customer, one contact: the same phone waits here for the first
-        // order's creation to be remembered.
+        // One customer, one contact: the same phone (or, without one, the
+        // same email) waits here for the first order's creation to be remembered.
         let key = e164
             .clone()
+            .or_else(|| email.clone())
             .or_else(|| order.customer.name.clone())
             .unwrap_or_else(|| order.code.clone());
         let _customer = self.contact_locks[stripe(to.crm_account, &key)]
             .lock()
             .await;
-        let existing_contact = self.known_contact(to, order, e164.as_deref()).await?;
+        let existing_contact = self
+            .known_contact(to, order, e164.as_deref(), email.as_deref())
+            .await?;
         let new_contact = match existing_contact {
             Some(_) => None,
-            None if order.customer.phone.is_none() && order.customer.name.is_none() => None,
+            None if order.customer.phone.is_none()
+                && order.customer.email.is_none()
+                && order.customer.name.is_none() =>
+            {
+                None
+            }
             None => Some(NewContact {
                 request_id: format!("contact-{}", order.code),
                 name: order
@@ -479,7 +492,7 @@ impl CrmSyncHandler {
                     .clone()
                     .unwrap_or_else(|| "Покупатель".to_string()),
                 phone: order.customer.phone.clone(),
-                email: None,
+                email: order.customer.email.clone(),
             }),
         };
         let lead = NewLead {
@@ -562,7 +575,7 @@ impl CrmSyncHandler {
                 to.crm_account,
                 new_id as i64,
                 e164.as_deref(),
-                None,
+                email.as_deref(),
             )
             .await?;
         }
@@ -693,22 +706,35 @@ impl CrmSyncHandler {
         to: &Creation<'_>,
         order: &Order,
         e164: Option<&str>,
+        email: Option<&str>,
     ) -> Result<Option<u64>, ToCrmError> {
-        let Some(phone) = order.customer.phone.as_ref() else {
-            return Ok(None);
+        // By phone; a buyer without one by email.
+        let (phone, email, email_key) = match (&order.customer.phone, &order.customer.email) {
+            (Some(phone), _) => (Some(phone), None, None),
+            (None, Some(address)) => (None, Some(address), email),
+            (None, None) => return Ok(None),
         };
-        if let Some(id) = links::find_contact_by(&self.pool, to.crm_account, e164, None).await? {
+        if let Some(id) =
+            links::find_contact_by(&self.pool, to.crm_account, e164, email_key).await?
+        {
             return Ok(Some(id as u64));
         }
         if contact_index::is_loaded(&self.pool, to.crm_account).await? {
             return Ok(None);
         }
-        let found = to.client.find_contacts(Some(phone), None).await?;
+        let found = to.client.find_contacts(phone, email).await?;
         let Some(contact) = found.first() else {
             return Ok(None);
         };
         let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
-        links::remember_contact(&mut conn, to.crm_account, contact.id as i64, e164, None).await?;
+        links::remember_contact(
+            &mut conn,
+            to.crm_account,
+            contact.id as i64,
+            e164,
+            email_key,
+        )
+        .await?;
         Ok(Some(contact.id))
     }
 }

@@ -88,6 +88,7 @@ pub(super) fn order_from_wire(account: &str, o: OrderWire) -> Result<AvitoOrder,
         customer: Customer {
             name: buyer.and_then(|b| b.full_name),
             phone,
+            email: None,
         },
         delivery: Delivery {
             mode: delivery.as_ref().and_then(|d| d.service_type.clone()),

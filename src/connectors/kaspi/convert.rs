@@ -117,7 +117,11 @@ pub fn order_from_resource(
         total: wire::number(a, "totalPrice")
             .and_then(Money::from_major)
             .unwrap_or_default(),
-        customer: Customer { name, phone },
+        customer: Customer {
+            name,
+            phone,
+            email: None,
+        },
         delivery: Delivery {
             mode: wire::text(a, "deliveryMode"),
             by_marketplace: wire::flag(a, "isKaspiDelivery"),
