@@ -120,6 +120,7 @@ async fn a_pending_job_absorbs_enqueues_with_its_dedupe_key() {
             attempt: 1,
             started_at: now,
             finished_at: now,
+            remark: None,
             finish: Finish::Retry {
                 run_at: now + chrono::Duration::seconds(60),
                 error: "503".into(),
@@ -471,6 +472,7 @@ async fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_owners_outcome() 
         finish: Finish::Dead {
             error: "stale".into(),
         },
+        remark: None,
     };
     assert!(store::complete(&db.pool, "a", std::slice::from_ref(&stale))
         .await
@@ -489,6 +491,7 @@ async fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_owners_outcome() 
         started_at: t2,
         finished_at: t2,
         finish: Finish::Success,
+        remark: None,
     };
     assert_eq!(
         store::complete(&db.pool, "b", &[good]).await.unwrap(),

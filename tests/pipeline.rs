@@ -909,6 +909,18 @@ async fn a_contact_amocrm_refuses_never_loses_the_lead() {
         .await,
         0
     );
+    // The job's record keeps the reason, without the phone.
+    let remark: String = sqlx::query_scalar(
+        "SELECT error FROM outbox_attempts WHERE kind = 'crm_sync_order' AND outcome = 'success' AND error IS NOT NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        remark.contains("refused the new contact's phone/email"),
+        "{remark}"
+    );
+    assert!(!remark.contains("7015550101"), "{remark}");
     engine.stop().await;
     let Bridge { db, .. } = b;
     db.drop_now().await.unwrap();

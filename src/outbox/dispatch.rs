@@ -130,6 +130,7 @@ async fn drain_on_shutdown(
                 started_at: flight.started_at,
                 finished_at: now,
                 finish: Finish::Released,
+                remark: None,
             },
             target: flight.target,
             kind: flight.kind,
@@ -250,14 +251,14 @@ async fn run_job(shared: Arc<Shared>, job: ClaimedJob, finish_tx: UnboundedSende
     }
     let started_at = shared.clock.now();
     let timer = Instant::now();
-    let context = JobContext {
-        id: job.id,
-        kind: job.kind.clone(),
-        target: job.target.clone(),
-        ordering_key: job.ordering_key.clone(),
-        payload: job.payload.clone(),
-        attempt: job.attempts,
-    };
+    let context = JobContext::new(
+        job.id,
+        job.kind.clone(),
+        job.target.clone(),
+        job.ordering_key.clone(),
+        job.payload.clone(),
+        job.attempts,
+    );
     let action = match shared.handlers.get(&job.kind) {
         None => RetryAction::permanent(format!("{}", OutboxError::UnknownKind(job.kind.clone()))),
         Some(handler) => {
@@ -297,6 +298,9 @@ async fn run_job(shared: Arc<Shared>, job: ClaimedJob, finish_tx: UnboundedSende
             attempt: job.attempts,
             started_at,
             finished_at,
+            remark: matches!(finish, Finish::Success)
+                .then(|| context.take_remarks())
+                .flatten(),
             finish,
         },
         target: job.target,

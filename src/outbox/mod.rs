@@ -56,7 +56,7 @@ pub async fn enqueue_many(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<u6
 }
 
 /// What a handler sees of its job.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct JobContext {
     pub id: i64,
     pub kind: String,
@@ -65,6 +65,64 @@ pub struct JobContext {
     pub payload: serde_json::Value,
     /// 1 for the first attempt.
     pub attempt: i32,
+    /// What the handler asked to keep in the attempt's record.
+    remarks: std::sync::Mutex<Vec<String>>,
+}
+
+impl Clone for JobContext {
+    fn clone(&self) -> JobContext {
+        JobContext {
+            id: self.id,
+            kind: self.kind.clone(),
+            target: self.target.clone(),
+            ordering_key: self.ordering_key.clone(),
+            payload: self.payload.clone(),
+            attempt: self.attempt,
+            remarks: std::sync::Mutex::new(
+                self.remarks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            ),
+        }
+    }
+}
+
+impl JobContext {
+    pub fn new(
+        id: i64,
+        kind: String,
+        target: String,
+        ordering_key: String,
+        payload: serde_json::Value,
+        attempt: i32,
+    ) -> JobContext {
+        JobContext {
+            id,
+            kind,
+            target,
+            ordering_key,
+            payload,
+            attempt,
+            remarks: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Keeps `text` in this attempt's record (`outbox_attempts.error` of a
+    /// successful attempt): something went partly wrong and the job still
+    /// succeeded, e.g. amoCRM refused the buyer's phone and the lead was made
+    /// without it.
+    pub fn remark(&self, text: impl Into<String>) {
+        self.remarks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(text.into());
+    }
+
+    pub(crate) fn take_remarks(&self) -> Option<String> {
+        let remarks = std::mem::take(&mut *self.remarks.lock().unwrap_or_else(|p| p.into_inner()));
+        (!remarks.is_empty()).then(|| remarks.join("; "))
+    }
 }
 
 /// Runs jobs of one kind. `run` does the work; `classify` says what an error

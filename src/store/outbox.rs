@@ -90,6 +90,9 @@ pub struct Completion {
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
     pub finish: Finish,
+    /// What a successful attempt wants remembered (e.g. "amoCRM refused the
+    /// contact's phone: …"), kept in its attempt row's `error` column.
+    pub remark: Option<String>,
 }
 
 /// A dead-lettered job.
@@ -299,17 +302,18 @@ pub async fn complete(
         let attempts: Vec<i32> = successes.iter().map(|c| c.attempt).collect();
         let started: Vec<DateTime<Utc>> = successes.iter().map(|c| c.started_at).collect();
         let finished: Vec<DateTime<Utc>> = successes.iter().map(|c| c.finished_at).collect();
+        let remarks: Vec<Option<&str>> = successes.iter().map(|c| c.remark.as_deref()).collect();
         let done: Vec<i64> = sqlx::query_scalar(
             "WITH f AS (
-                 SELECT * FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::timestamptz[])
-                     AS f(id, attempt, started_at, finished_at)
+                 SELECT * FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::timestamptz[], $6::text[])
+                     AS f(id, attempt, started_at, finished_at, remark)
              ), d AS (
                  DELETE FROM outbox_jobs j USING f
                  WHERE j.id = f.id AND j.attempts = f.attempt AND j.state = 'running' AND j.locked_by = $5
                  RETURNING j.id, j.attempts, j.kind, j.target, j.ordering_key
              )
-             INSERT INTO outbox_attempts (job_id, attempt, kind, target, ordering_key, started_at, finished_at, outcome)
-             SELECT d.id, d.attempts, d.kind, d.target, d.ordering_key, f.started_at, f.finished_at, 'success'
+             INSERT INTO outbox_attempts (job_id, attempt, kind, target, ordering_key, started_at, finished_at, outcome, error)
+             SELECT d.id, d.attempts, d.kind, d.target, d.ordering_key, f.started_at, f.finished_at, 'success', f.remark
              FROM d JOIN f ON f.id = d.id
              RETURNING job_id",
         )
@@ -318,6 +322,7 @@ pub async fn complete(
         .bind(&started)
         .bind(&finished)
         .bind(owner)
+        .bind(&remarks)
         .fetch_all(pool)
         .await?;
         applied.extend(done);

@@ -207,6 +207,7 @@ impl Handler for CrmSyncHandler {
                     order_id,
                     stage,
                     replaces_lead: job.payload["replaces_lead"].as_i64(),
+                    job,
                 };
                 self.create(&target, &order, recover).await
             }
@@ -244,6 +245,8 @@ struct Creation<'a> {
     stage: (u64, u64),
     /// The order's previous lead, deleted in the CRM (reconciliation recreates it).
     replaces_lead: Option<i64>,
+    /// The job: what went partly wrong is kept in its attempt's record.
+    job: &'a JobContext,
 }
 
 impl CrmSyncHandler {
@@ -600,6 +603,10 @@ impl CrmSyncHandler {
         )
         .await;
         if let Some(reason) = &contact_refused {
+            to.job.remark(format!(
+                "amoCRM refused the new contact's phone/email ({reason}); lead {} has a contact with the name only",
+                created.lead_id
+            ));
             timeline::record(
                 &self.pool,
                 to.order_id,
