@@ -30,6 +30,7 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub outbox: OutboxSettings,
     pub reconcile: ReconcileSettings,
+    pub sla: SlaSettings,
     /// CRM accounts by name; shops refer to them by that name.
     #[serde(default)]
     pub crm_accounts: BTreeMap<String, CrmAccount>,
@@ -58,6 +59,24 @@ pub struct HttpSettings {
     /// events poll is the only intake of managers' moves.
     #[serde(default)]
     pub public_url: Option<String>,
+}
+
+/// SLA timers: working time and when warnings come.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlaSettings {
+    /// IANA timezone of the working hours (e.g. Asia/Almaty).
+    pub timezone: String,
+    /// `"always"`, or e.g. `"mon-fri 09:00-18:00; sat 10:00-14:00"`.
+    pub working_hours: String,
+    /// Dates (YYYY-MM-DD) when nobody works.
+    #[serde(default)]
+    pub days_off: Vec<String>,
+    /// The share of a stage's SLA after which the responsible gets a warning task.
+    pub warn_fraction: f64,
+    /// How often due warnings and breaches are looked for.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
 }
 
 /// The daemon's periodic reconciliation (and the command's default range).
@@ -496,6 +515,27 @@ impl Settings {
                 "database.max_connections".into(),
                 "must be at least 1".into(),
             );
+        }
+        if let Err(error) = crate::sla::calendar::WorkCalendar::parse(
+            &self.sla.timezone,
+            &self.sla.working_hours,
+            &self.sla.days_off,
+        ) {
+            let key = match &error {
+                crate::sla::calendar::CalendarError::Timezone(_) => "sla.timezone",
+                crate::sla::calendar::CalendarError::Hours(_) => "sla.working_hours",
+                crate::sla::calendar::CalendarError::DayOff(_) => "sla.days_off",
+            };
+            bad(key.into(), error.to_string());
+        }
+        if !(self.sla.warn_fraction > 0.0 && self.sla.warn_fraction < 1.0) {
+            bad(
+                "sla.warn_fraction".into(),
+                "must be between 0 and 1 (e.g. 0.8: a warning at 80% of the SLA)".into(),
+            );
+        }
+        if self.sla.check_interval.is_zero() {
+            bad("sla.check_interval".into(), "must be longer than 0s".into());
         }
         let o = &self.outbox;
         if o.concurrency == 0 {

@@ -62,6 +62,8 @@ pub async fn run_until(
         crate::store::ensure_schema_current(&pool).await?;
     }
     let limiters = limiters(&settings);
+    let sla = crate::sla::SlaPolicy::from_settings(&settings.sla)
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
     let crm_clients = amocrm_clients(&settings, &pool, &limiters).await?;
     let maps = Arc::new(
         crate::mapping::MapRegistry::load(
@@ -136,6 +138,7 @@ pub async fn run_until(
         &maps,
         &crm_clients,
         &inbox_wake,
+        &Arc::new(sla.clone()),
         &shutdown,
     ));
     let engine = Engine::builder(pool.clone(), EngineConfig::from_settings(&settings.outbox))
@@ -152,7 +155,16 @@ pub async fn run_until(
                     .iter()
                     .map(|(name, shop)| (name.clone(), shop.crm_account.clone()))
                     .collect(),
-            ),
+            )
+            .with_sla(sla.clone()),
+        )
+        .handler(
+            crate::sla::timers::SLA_TASK_KIND,
+            crate::sla::timers::SlaTaskHandler {
+                pool: pool.clone(),
+                clients: crm_clients.clone(),
+                timezone: sla.calendar.timezone(),
+            },
         )
         .handler(
             crate::sync::avito_leads::MESSENGER_LEAD_KIND,
@@ -253,6 +265,7 @@ pub fn start_crm_tasks(
     maps: &Arc<crate::mapping::MapRegistry>,
     crm_clients: &BTreeMap<String, AmoClient>,
     inbox_wake: &Arc<tokio::sync::Notify>,
+    sla: &Arc<crate::sla::SlaPolicy>,
     shutdown: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     use crate::sync::{every, supervise};
@@ -264,24 +277,47 @@ pub fn start_crm_tasks(
             .filter_map(|(name, crm)| Some((name.clone(), crm.api_user_id?)))
             .collect(),
     );
-    let (p, m, s, u, wake) = (
+    let (p, s, interval) = (pool.clone(), shutdown.clone(), settings.sla.check_interval);
+    tasks.push(tokio::spawn(supervise(
+        "sla_timers".into(),
+        shutdown.clone(),
+        move || {
+            let (pool, shutdown) = (p.clone(), s.clone());
+            async move {
+                every(interval, shutdown, || async {
+                    if let Err(error) = crate::sla::timers::fire_due(&pool, chrono::Utc::now()).await {
+                        tracing::warn!(%error, "Firing due SLA timers failed; the next round tries again.");
+                    }
+                })
+                .await
+            }
+        },
+    )));
+    let (p, m, s, u, wake, policy) = (
         pool.clone(),
         maps.clone(),
         shutdown.clone(),
         bridge_users,
         inbox_wake.clone(),
+        sla.clone(),
     );
     tasks.push(tokio::spawn(supervise(
         "amocrm_inbox".into(),
         shutdown.clone(),
         move || {
-            let (pool, maps, shutdown, users, wake) =
-                (p.clone(), m.clone(), s.clone(), u.clone(), wake.clone());
+            let (pool, maps, shutdown, users, wake, policy) = (
+                p.clone(),
+                m.clone(),
+                s.clone(),
+                u.clone(),
+                wake.clone(),
+                policy.clone(),
+            );
             async move {
                 // Every second, and at once when a webhook stored something.
                 loop {
                     if let Err(error) =
-                        crate::sync::to_marketplace::process_amocrm_inbox(&pool, &maps, &users).await
+                        crate::sync::to_marketplace::process_amocrm_inbox(&pool, &maps, &users, &policy).await
                     {
                         tracing::warn!(%error, "Processing amoCRM changes failed; they stay in the inbox.");
                     }

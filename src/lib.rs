@@ -2,7 +2,7 @@
 //! Avito) and amoCRM, through a PostgreSQL outbox.
 //!
 //! Layout (see `docs/ARCHITECTURE.md` for the data flow):
-//! - [`cli`]: the clap commands (`run`, `migrate`, `check-config`, `dlq`, `bench`);
+//! - [`cli`]: the clap commands (`run`, `demo`, `reconcile`, `order show`, `dlq`, `bench`, …);
 //! - [`config`]: layered settings and their validation;
 //! - [`domain`]: types shared by everything (phones, emails), knowing no API;
 //! - [`connectors`]: one folder per external API (client, private wire types, conversion);
@@ -10,7 +10,9 @@
 //! - [`store`]: the PostgreSQL pool, migrations and every SQL statement;
 //! - [`mapping`]: the status maps admins edit, and their validation;
 //! - [`outbox`]: the job engine (claims, leases, retries, rate limits);
-//! - [`sync`]: ingest (order change + history + outbox intent in one transaction) and the pollers;
+//! - [`sync`]: ingest (order change + history + outbox intent in one transaction), the pollers,
+//!   both sync directions and reconciliation;
+//! - [`sla`]: working time, stage entries with their SLA timers, and the tasks they create;
 //! - [`http`]: the axum side (`/healthz`, `/readyz`, `/metrics`);
 //! - [`daemon`]: wires the parts together for `run`, with graceful shutdown;
 //! - [`bench`]: `orderbridge bench …`, throughput and latency figures;
@@ -28,6 +30,7 @@ pub mod http;
 pub mod mapping;
 pub mod outbox;
 pub mod sim;
+pub mod sla;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

@@ -286,3 +286,29 @@ fn a_missing_config_file_is_an_error() {
         Err(ConfigError::Missing { .. })
     ));
 }
+
+#[test]
+fn working_hours_without_any_working_time_are_refused_at_load() {
+    let file = write_file(
+        "no-hours.toml",
+        "[sla]\nworking_hours = \"\"\nwarn_fraction = 1.5\n",
+    );
+    let found = issues(Settings::load_from(Some(&file), env(&[])));
+    let keys: Vec<&str> = found.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec!["sla.working_hours", "sla.warn_fraction"],
+        "{found:?}"
+    );
+    assert!(
+        found[0].2.contains("no working time at all"),
+        "{}",
+        found[0].2
+    );
+    assert_eq!(found[0].1, file.display().to_string());
+    let ok = write_file(
+        "office-hours.toml",
+        "[sla]\nworking_hours = \"mon-fri 09:00-18:00; sat 10:00-14:00\"\ndays_off = [\"2026-12-16\"]\n",
+    );
+    assert!(Settings::load_from(Some(&ok), env(&[])).is_ok());
+}

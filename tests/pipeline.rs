@@ -260,7 +260,7 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
     let lead = amo.leads().into_iter().next().unwrap();
     // The bridge's own create comes back as a webhook: an echo, no action.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new(), &Default::default())
         .await
         .unwrap();
     assert_eq!(
@@ -291,7 +291,7 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
     )
     .await;
     assert_eq!(
-        process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+        process_amocrm_inbox(&db.pool, maps, &BTreeMap::new(), &Default::default())
             .await
             .unwrap(),
         1
@@ -309,7 +309,7 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
     poller.poll_once(chrono::Utc::now()).await.unwrap();
     wait_for("the sync is done", Duration::from_secs(30), drained).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new(), &Default::default())
         .await
         .unwrap();
     assert_eq!(
@@ -347,7 +347,7 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
             >= 1
     })
     .await;
-    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new(), &Default::default())
         .await
         .unwrap();
     wait_for("the refusal is noted", Duration::from_secs(30), || async {
@@ -428,7 +428,7 @@ async fn lost_webhooks_are_caught_by_the_events_poll_and_a_final_status_wins_wit
         "deduplicated"
     );
     assert_eq!(
-        process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+        process_amocrm_inbox(&db.pool, maps, &BTreeMap::new(), &Default::default())
             .await
             .unwrap(),
         1
@@ -450,7 +450,7 @@ async fn lost_webhooks_are_caught_by_the_events_poll_and_a_final_status_wins_wit
         .await
         .unwrap();
     kaspi.kaspi_completes(&order.id);
-    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new())
+    process_amocrm_inbox(&db.pool, maps, &BTreeMap::new(), &Default::default())
         .await
         .unwrap();
     wait_for(

@@ -122,6 +122,11 @@ pub struct Order {
     pub cancellation_reason: Option<String>,
     /// Empty until the lines were read.
     pub items: Vec<OrderItem>,
+    /// The marketplace's own deadline for the order's current status (Avito:
+    /// `confirmTill` while on confirmation, `shipTill` while ready to ship):
+    /// it tightens the stage's SLA when earlier.
+    #[serde(default)]
+    pub marketplace_deadline: Option<DateTime<Utc>>,
 }
 
 mod email_serde {

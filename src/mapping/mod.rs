@@ -12,7 +12,9 @@ pub mod validate;
 
 pub use model::{load, ActionRow, MapError, MapFile, StatusRow};
 pub use registry::{MapRegistry, MapSet, MapSource, UNRESOLVED};
-pub use resolve::{resolve_online, CrmDirectory, MessengerRoute, Route, RoutingMap, StageAction};
+pub use resolve::{
+    resolve_online, CrmDirectory, MessengerRoute, Role, Route, RoutingMap, StageAction,
+};
 pub use validate::{validate, MapIssue, MarketplaceRules};
 
 use crate::config::{MarketplaceKind, Settings};

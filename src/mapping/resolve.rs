@@ -185,6 +185,14 @@ impl RoutingMap {
         self.statuses.get(status)
     }
 
+    /// The first status row that routes to stage `stage_id` (its name, role
+    /// and SLA): what a lead moved into that stage by a manager gets.
+    pub fn stage_route(&self, stage_id: u64) -> Option<&Route> {
+        self.statuses
+            .values()
+            .find(|r| matches!(r, Route::Stage { stage_id: Some(id), .. } if *id == stage_id))
+    }
+
     /// The action of a stage, by id (online) or name.
     pub fn action_for_stage(
         &self,
@@ -336,6 +344,11 @@ pub fn resolve_online(
                 other => same(&u.name, &value_text(other)),
             });
             match found {
+                // A deactivated user is known but never made responsible.
+                Some(u) if !u.active => {
+                    tracing::warn!(role = %name.get_ref(), user = %u.name,
+                        "A role's user is deactivated in amoCRM; nobody gets leads through it.");
+                }
                 Some(u) => {
                     if let Some(r) = routing.roles.get_mut(name.get_ref()) {
                         r.user_ids.push(u.id);

@@ -8,6 +8,7 @@ pub mod links;
 pub mod orders;
 pub mod outbox;
 pub mod reconcile;
+pub mod sla;
 pub mod timeline;
 pub mod tokens;
 

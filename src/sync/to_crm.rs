@@ -18,11 +18,12 @@ use sqlx::PgPool;
 
 use crate::connectors::amocrm::{
     AmoClient, AmoError, FieldInput, FieldValue, LeadUpdate, NewComplexLead, NewContact, NewLead,
-    NewNote,
+    NewNote, NewTask,
 };
 use crate::domain::Order;
 use crate::mapping::{MapRegistry, Route, RoutingMap};
 use crate::outbox::{Handler, JobContext, RetryAction};
+use crate::sla::SlaPolicy;
 use crate::store::links::{self, Link};
 use crate::store::{orders, timeline, StoreError};
 use crate::sync::contact_index;
@@ -76,9 +77,16 @@ pub struct CrmSyncHandler {
     /// in the replica that holds its target lease, so an in-process lock is
     /// enough.
     contact_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Working time and warnings: each stage entry's SLA timers.
+    sla: Arc<SlaPolicy>,
 }
 
 const CONTACT_LOCK_STRIPES: usize = 1024;
+
+/// The tag of a lead nobody could be made responsible for.
+pub const UNASSIGNED_TAG: &str = "без ответственного";
+/// The map's role whose users get the tasks about unassigned orders.
+pub const SUPERVISOR_ROLE: &str = "supervisor";
 
 impl CrmSyncHandler {
     /// Builds the handler and starts one batching writer per CRM account
@@ -102,8 +110,24 @@ impl CrmSyncHandler {
             contact_locks: (0..CONTACT_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            sla: Arc::new(SlaPolicy::default()),
         }
     }
+
+    /// The SLA policy of the stage entries it records (default: around the
+    /// clock in Asia/Almaty, warnings at 80%).
+    pub fn with_sla(mut self, sla: SlaPolicy) -> CrmSyncHandler {
+        self.sla = Arc::new(sla);
+        self
+    }
+}
+
+/// Who is responsible for an order in the stage its status maps to.
+struct Assignment {
+    user: Option<u64>,
+    role: Option<String>,
+    /// The stage has a role but nobody in it can be assigned.
+    unassigned: bool,
 }
 
 impl Handler for CrmSyncHandler {
@@ -188,8 +212,17 @@ impl Handler for CrmSyncHandler {
                 } else {
                     link
                 };
-                self.update(client, writer, map, &order, order_id, &link, stage)
-                    .await
+                self.update(
+                    client,
+                    writer,
+                    map,
+                    &order,
+                    order_id,
+                    &link,
+                    stage,
+                    force_stage,
+                )
+                .await
             }
             None => {
                 let Some(stage) = stage else {
@@ -260,6 +293,7 @@ impl CrmSyncHandler {
         order_id: i64,
         link: &Link,
         stage: Option<(u64, u64)>,
+        force_stage: bool,
     ) -> Result<(), ToCrmError> {
         // The lead's content: written again only when what the map puts in changed.
         let values = fields(map, order);
@@ -315,16 +349,51 @@ impl CrmSyncHandler {
             ),
             None => None,
         };
+        // A new stage gets its responsible from the stage's role.
+        let assignment = match move_to {
+            Some(_) => Some(self.assign(&link.crm_account, map, order).await?),
+            None => None,
+        };
         writer
             .update(LeadUpdate {
                 id: link.lead_id as u64,
                 stage: move_to,
                 price: Some(order.total.major_rounded()),
                 fields: if content_changed { values } else { Vec::new() },
+                responsible_user_id: assignment.as_ref().and_then(|a| a.user),
+                tags_to_add: if assignment.as_ref().is_some_and(|a| a.unassigned) {
+                    vec![UNASSIGNED_TAG.to_string()]
+                } else {
+                    Vec::new()
+                },
                 ..LeadUpdate::default()
             })
             .await
             .map_err(|e| write_refused(order, e))?;
+        if let (Some(stage), Some(assignment)) = (move_to, &assignment) {
+            self.entered(
+                order_id,
+                &link.crm_account,
+                link.lead_id,
+                stage,
+                map,
+                order,
+                assignment,
+                if force_stage { "bridge" } else { "marketplace" },
+            )
+            .await?;
+            if assignment.unassigned {
+                self.alert_unassigned(
+                    client,
+                    map,
+                    order,
+                    order_id,
+                    link.lead_id as u64,
+                    assignment,
+                )
+                .await?;
+            }
+        }
         if content_changed {
             links::set_pushed_content(&self.pool, order_id, &content).await?;
         }
@@ -498,15 +567,22 @@ impl CrmSyncHandler {
                 email: order.customer.email.clone(),
             }),
         };
+        let assignment = self.assign(to.crm_account, to.map, order).await?;
         let lead = NewLead {
             request_id: order.code.clone(),
             name: lead_name(to.map, order),
             price: Some(order.total.major_rounded()),
             pipeline_id,
             status_id,
-            responsible_user_id: responsible(to.map, to.order_id, order),
+            responsible_user_id: assignment.user,
             fields: fields(to.map, order),
-            tags: to.map.tags.clone(),
+            tags: {
+                let mut tags = to.map.tags.clone();
+                if assignment.unassigned {
+                    tags.push(UNASSIGNED_TAG.to_string());
+                }
+                tags
+            },
             contact_ids: existing_contact.into_iter().collect(),
         };
         let refused = |e: WriteError| write_refused(order, e);
@@ -583,6 +659,28 @@ impl CrmSyncHandler {
             .await?;
         }
         self.link(to, order, created.lead_id, contact_id).await?;
+        self.entered(
+            to.order_id,
+            to.crm_account,
+            created.lead_id as i64,
+            to.stage,
+            to.map,
+            order,
+            &assignment,
+            "marketplace",
+        )
+        .await?;
+        if assignment.unassigned {
+            self.alert_unassigned(
+                to.client,
+                to.map,
+                order,
+                to.order_id,
+                created.lead_id,
+                &assignment,
+            )
+            .await?;
+        }
         timeline::record(
             &self.pool,
             to.order_id,
@@ -705,6 +803,124 @@ impl CrmSyncHandler {
         Ok(())
     }
 
+    /// The responsible for the stage the order's status maps to, by the
+    /// stage role's rule. A role nobody in it can take: `unassigned`.
+    async fn assign(
+        &self,
+        crm_account: &str,
+        map: &RoutingMap,
+        order: &Order,
+    ) -> Result<Assignment, ToCrmError> {
+        let Some(Route::Stage {
+            role: Some(role), ..
+        }) = map.route(order.status.as_str())
+        else {
+            return Ok(Assignment {
+                user: None,
+                role: None,
+                unassigned: false,
+            });
+        };
+        let user = match map.roles.get(role) {
+            Some(def) => crate::sla::pick_responsible(&self.pool, crm_account, role, def).await?,
+            None => None,
+        };
+        Ok(Assignment {
+            user,
+            role: Some(role.clone()),
+            unassigned: user.is_none(),
+        })
+    }
+
+    /// Records the stage entry with its responsible and SLA timers.
+    #[allow(clippy::too_many_arguments)]
+    async fn entered(
+        &self,
+        order_id: i64,
+        crm_account: &str,
+        lead_id: i64,
+        stage: (u64, u64),
+        map: &RoutingMap,
+        order: &Order,
+        assignment: &Assignment,
+        source: &'static str,
+    ) -> Result<(), ToCrmError> {
+        let (name, sla) = match map.route(order.status.as_str()) {
+            Some(Route::Stage { stage, sla, .. }) => (stage.clone(), *sla),
+            _ => ("?".to_string(), None),
+        };
+        crate::sla::enter_stage(
+            &self.pool,
+            &self.sla,
+            &crate::sla::StageEntered {
+                order_id,
+                crm_account,
+                lead_id,
+                stage,
+                stage_name: &name,
+                role: assignment.role.as_deref(),
+                source,
+                responsible_user_id: assignment.user,
+                sla,
+                marketplace_deadline: order.marketplace_deadline,
+                at: chrono::Utc::now(),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Nobody could be made responsible: an emergency. A log event, a
+    /// metric, the lead tagged (done by the caller's write), and a task for
+    /// the map's `supervisor` role.
+    async fn alert_unassigned(
+        &self,
+        client: &AmoClient,
+        map: &RoutingMap,
+        order: &Order,
+        order_id: i64,
+        lead_id: u64,
+        assignment: &Assignment,
+    ) -> Result<(), ToCrmError> {
+        let role = assignment.role.as_deref().unwrap_or("?");
+        metrics::counter!("orderbridge_unassigned_total", "marketplace" => order.marketplace.as_str())
+            .increment(1);
+        tracing::error!(order = %order.code, lead_id, role,
+            "Nobody can be made responsible for the order: the role has no active user. The supervisor gets a task.");
+        let supervisor = match map.roles.get(SUPERVISOR_ROLE) {
+            Some(def) => {
+                crate::sla::pick_responsible(
+                    &self.pool,
+                    client.account_name(),
+                    SUPERVISOR_ROLE,
+                    def,
+                )
+                .await?
+            }
+            None => None,
+        };
+        client
+            .add_tasks(&[NewTask {
+                request_id: format!("unassigned-{}-{lead_id}", order.code),
+                text: format!(
+                    "Заказ {} без ответственного: в роли «{role}» нет активных пользователей amoCRM. Назначьте ответственного.",
+                    order.code
+                ),
+                complete_till: chrono::Utc::now().timestamp() + 3600,
+                responsible_user_id: supervisor,
+                lead_id: Some(lead_id),
+            }])
+            .await?;
+        timeline::record(
+            &self.pool,
+            order_id,
+            "unassigned",
+            &format!("nobody in role «{role}» can be responsible; a task for the supervisor, the lead tagged «{UNASSIGNED_TAG}»"),
+        )
+        .await;
+        Ok(())
+    }
+
     /// The order's existing contact: from the local index, or (while the
     /// account's index has never been loaded) from amoCRM's search, checked
     /// field by field. `None` when the customer is new.
@@ -819,22 +1035,6 @@ fn lead_name(map: &RoutingMap, order: &Order) -> String {
 }
 
 /// The responsible user: the stage role's users, taken in turn by order.
-fn responsible(map: &RoutingMap, order_id: i64, order: &Order) -> Option<u64> {
-    let Some(Route::Stage {
-        role: Some(role), ..
-    }) = map.route(order.status.as_str())
-    else {
-        return None;
-    };
-    let users = &map.roles.get(role)?.user_ids;
-    if users.is_empty() {
-        return None;
-    }
-    users
-        .get(order_id.unsigned_abs() as usize % users.len())
-        .copied()
-}
-
 /// The map's lead fields filled from the order.
 fn fields(map: &RoutingMap, order: &Order) -> Vec<FieldValue> {
     let mut values = Vec::new();

@@ -26,7 +26,7 @@ use crate::connectors::amocrm::webhook::status_change_key;
 use crate::connectors::amocrm::{AmoClient, AmoError, NewNote};
 use crate::connectors::avito::{AvitoClient, AvitoError};
 use crate::connectors::kaspi::{CancelReason, KaspiClient, KaspiError, Transition};
-use crate::mapping::MapRegistry;
+use crate::mapping::{MapRegistry, Route};
 use crate::outbox::{Handler, JobContext, NewJob, RetryAction};
 use crate::store::inbox::InboxRow;
 use crate::store::{inbox, links, orders, StoreError};
@@ -54,6 +54,7 @@ pub async fn process_amocrm_inbox(
     pool: &PgPool,
     maps: &MapRegistry,
     bridge_users: &BTreeMap<String, u64>,
+    sla: &crate::sla::SlaPolicy,
 ) -> Result<usize, StoreError> {
     let mut queued = 0;
     loop {
@@ -64,7 +65,7 @@ pub async fn process_amocrm_inbox(
         }
         let mut deferred = false;
         for row in &rows {
-            let judged = judge(&mut tx, pool, maps, bridge_users, row).await?;
+            let judged = judge(&mut tx, pool, maps, bridge_users, sla, row).await?;
             if judged == Judged::Action {
                 queued += 1;
             }
@@ -131,6 +132,7 @@ async fn judge(
     pool: &PgPool,
     maps: &MapRegistry,
     bridge_users: &BTreeMap<String, u64>,
+    sla: &crate::sla::SlaPolicy,
     row: &InboxRow,
 ) -> Result<Judged, StoreError> {
     let p = &row.payload;
@@ -229,6 +231,40 @@ async fn judge(
         return Ok(Judged::Reverted);
     }
     let map = maps.current().shops.get(&shop).cloned();
+    // The stage history: the manager's move is an entry of its own, with the
+    // SLA the map gives that stage; the manager who moved it is responsible.
+    if let Some(Route::Stage {
+        stage,
+        role,
+        sla: stage_sla,
+        ..
+    }) = map.as_ref().and_then(|m| m.stage_route(status_id as u64))
+    {
+        let now = chrono::Utc::now();
+        let (warn_at, deadline) = sla.timers(
+            now,
+            *stage_sla,
+            order.as_ref().and_then(|o| o.marketplace_deadline),
+        );
+        crate::store::sla::enter(
+            tx,
+            &crate::store::sla::NewEntry {
+                order_id: link.order_id,
+                crm_account: row.account.clone(),
+                lead_id,
+                pipeline_id,
+                status_id,
+                stage: stage.clone(),
+                role: role.clone(),
+                source: "manager",
+                responsible_user_id: author.map(|a| a as i64),
+                entered_at: now,
+                warn_at,
+                deadline,
+            },
+        )
+        .await?;
+    }
     let action = map
         .as_ref()
         .and_then(|m| m.action_for_stage(Some(status_id as u64), "").cloned());

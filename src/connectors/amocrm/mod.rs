@@ -64,6 +64,9 @@ pub struct User {
     pub id: u64,
     pub name: String,
     pub email: Option<String>,
+    /// `rights.is_active`: deactivated users stay listed but must never be
+    /// made responsible.
+    pub active: bool,
 }
 
 /// A value to write into a custom field.

@@ -146,6 +146,7 @@ impl AmoClient {
                 id: u.id,
                 name: u.name,
                 email: u.email,
+                active: u.rights.is_none_or(|r| r.is_active),
             }));
             if !more {
                 break;

@@ -98,6 +98,18 @@ pub(super) struct UserWire {
     pub name: String,
     #[serde(default)]
     pub email: Option<String>,
+    #[serde(default)]
+    pub rights: Option<UserRightsWire>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct UserRightsWire {
+    #[serde(default = "yes")]
+    pub is_active: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `_embedded.leads[]` of a create or update answer, and of reads.

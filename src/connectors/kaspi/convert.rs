@@ -139,6 +139,7 @@ pub fn order_from_resource(
         pre_order,
         cancellation_reason: wire::text(a, "cancellationReason"),
         items: items.unwrap_or_default(),
+        marketplace_deadline: None,
     };
     Ok(KaspiOrder {
         content_hash: content_hash(a),

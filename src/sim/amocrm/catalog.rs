@@ -31,13 +31,13 @@ pub(super) fn account(st: &State, req: &Req) -> Reply {
     Reply::hal(body)
 }
 
-fn user_json(st: &State, id: u64, name: &str) -> Value {
+fn user_json(st: &State, id: u64, name: &str, active: bool) -> Value {
     json!({
         "id": id,
         "name": name,
         "email": format!("user{id}@{}.example", st.cfg.subdomain),
         "lang": "ru",
-        "rights": {"is_admin": id == st.api_user(), "is_free": false, "is_active": true},
+        "rights": {"is_admin": id == st.api_user(), "is_free": false, "is_active": active},
         "_links": self_link(format!("{}/api/v4/users/{id}", st.base_url)),
     })
 }
@@ -50,7 +50,7 @@ pub(super) fn users(st: &State, req: &Req) -> Reply {
     let all: Vec<Value> = st
         .users
         .iter()
-        .map(|u| user_json(st, u.id, &u.name))
+        .map(|u| user_json(st, u.id, &u.name, u.active))
         .collect();
     let (items, next) = paging.slice(&all);
     let mut reply = hal_page(
@@ -74,7 +74,7 @@ fn add_total(reply: &mut Reply, total: usize) {
 
 pub(super) fn user(st: &State, id: u64) -> Reply {
     match st.users.iter().find(|u| u.id == id) {
-        Some(u) => Reply::hal(user_json(st, u.id, &u.name)),
+        Some(u) => Reply::hal(user_json(st, u.id, &u.name, u.active)),
         None => Reply::no_content(),
     }
 }

@@ -312,6 +312,23 @@ impl AmoSim {
     }
 
     /// Adds a contact; phones and emails are stored exactly as given.
+    /// The id of the user called `name`.
+    pub fn user_id(&self, name: &str) -> Option<u64> {
+        self.lock()
+            .users
+            .iter()
+            .find(|u| u.name == name)
+            .map(|u| u.id)
+    }
+
+    /// An admin deactivates the user: it stays in `/api/v4/users` with
+    /// `rights.is_active: false`.
+    pub fn deactivate_user(&self, id: u64) {
+        if let Some(user) = self.lock().users.iter_mut().find(|u| u.id == id) {
+            user.active = false;
+        }
+    }
+
     pub fn seed_contact(&self, name: &str, phones: &[&str], emails: &[&str]) -> u64 {
         self.lock().add_seed_contact(name, phones, emails)
     }

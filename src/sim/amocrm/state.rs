@@ -60,6 +60,8 @@ impl Pipeline {
 pub(super) struct User {
     pub id: u64,
     pub name: String,
+    /// `rights.is_active`: a deactivated user stays in the list.
+    pub active: bool,
 }
 
 pub(super) struct Field {
@@ -425,6 +427,7 @@ impl State {
         self.users.push(User {
             id,
             name: name.to_string(),
+            active: true,
         });
         id
     }
