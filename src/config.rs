@@ -31,6 +31,7 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     pub reconcile: ReconcileSettings,
     pub sla: SlaSettings,
+    pub alerts: AlertSettings,
     /// CRM accounts by name; shops refer to them by that name.
     #[serde(default)]
     pub crm_accounts: BTreeMap<String, CrmAccount>,
@@ -77,6 +78,29 @@ pub struct SlaSettings {
     /// How often due warnings and breaches are looked for.
     #[serde(with = "humantime_serde")]
     pub check_interval: Duration,
+}
+
+/// Alerts to on-call through an outgoing webhook.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertSettings {
+    /// Where alerts are POSTed (JSON); secret, as relay URLs carry tokens.
+    /// Unset: alerts are kept and logged only.
+    #[serde(default)]
+    pub url: Option<SecretString>,
+    /// A shop's polls failing for longer than this is an alert.
+    #[serde(with = "humantime_serde")]
+    pub poll_failing_after: Duration,
+    /// An event kind's alert (breaches, unassigned, dead letters) resolves
+    /// after this long without a new one.
+    #[serde(with = "humantime_serde")]
+    pub quiet_after: Duration,
+    /// How often conditions are checked.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Per delivery.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 /// The daemon's periodic reconciliation (and the command's default range).

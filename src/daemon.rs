@@ -159,6 +159,13 @@ pub async fn run_until(
             .with_sla(sla.clone()),
         )
         .handler(
+            crate::sla::alerts::ALERT_KIND,
+            crate::sla::alerts::AlertHandler::new(
+                settings.alerts.url.clone(),
+                settings.alerts.timeout,
+            ),
+        )
+        .handler(
             crate::sla::timers::SLA_TASK_KIND,
             crate::sla::timers::SlaTaskHandler {
                 pool: pool.clone(),
@@ -230,7 +237,16 @@ pub async fn run_until(
 /// One limiter per target: amoCRM accounts are limited per request (a job may
 /// make several calls), everything else per job.
 pub fn limiters(settings: &Settings) -> Arc<Limiters> {
-    let mut limiters = Limiters::new(settings.outbox.limits.clone());
+    let mut quotas = settings.outbox.limits.clone();
+    // Alert deliveries: one a second unless configured.
+    quotas
+        .entry(crate::sla::alerts::ALERT_TARGET.to_string())
+        .or_insert(crate::config::RateQuota {
+            requests: 1,
+            per: std::time::Duration::from_secs(1),
+            burst: 3,
+        });
+    let mut limiters = Limiters::new(quotas);
     // Avito's clients take their permits per request, like amoCRM's.
     for (name, shop) in &settings.shops {
         if shop.marketplace == MarketplaceKind::Avito {
@@ -277,6 +293,38 @@ pub fn start_crm_tasks(
             .filter_map(|(name, crm)| Some((name.clone(), crm.api_user_id?)))
             .collect(),
     );
+    let watch = crate::sla::alerts::Watch {
+        poll_failing_after: settings.alerts.poll_failing_after,
+        quiet_after: settings.alerts.quiet_after,
+    };
+    let (p, s, m, interval) = (
+        pool.clone(),
+        shutdown.clone(),
+        maps.clone(),
+        settings.alerts.check_interval,
+    );
+    tasks.push(tokio::spawn(supervise(
+        "alert_watch".into(),
+        shutdown.clone(),
+        move || {
+            let (pool, shutdown, maps, watch) = (p.clone(), s.clone(), m.clone(), watch.clone());
+            async move {
+                every(interval, shutdown, || async {
+                    if let Err(error) = crate::sla::alerts::watch_round(
+                        &pool,
+                        &watch,
+                        &maps.errors(),
+                        chrono::Utc::now(),
+                    )
+                    .await
+                    {
+                        tracing::warn!(%error, "The alert watch failed; the next round tries again.");
+                    }
+                })
+                .await
+            }
+        },
+    )));
     let (p, s, interval) = (pool.clone(), shutdown.clone(), settings.sla.check_interval);
     tasks.push(tokio::spawn(supervise(
         "sla_timers".into(),

@@ -23,6 +23,11 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with("").await
+}
+
+/// A world whose config carries `extra` (TOML sections) too.
+async fn world_with(extra: &str) -> World {
     let db = fresh_db().await;
     let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
     let amo = AmoSim::start(AmoSimConfig {
@@ -66,6 +71,7 @@ warn_fraction = 0.5
 check_interval = "200ms"
 [reconcile]
 interval = "0s"
+{extra}
 [crm_accounts.main]
 base_url = "{amo}"
 subdomain = "example"
@@ -294,6 +300,131 @@ async fn an_order_nobody_can_take_alerts_the_supervisor_once_and_tags_the_lead()
             .iter()
             .any(|t| t == "без ответственного"),
         "the lead is tagged"
+    );
+    stop.cancel();
+    task.await.unwrap();
+    let World { db, .. } = w;
+    db.drop_now().await.unwrap();
+}
+
+/// An alert relay: records every POSTed body, answers with `status`.
+struct Relay {
+    url: String,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+}
+
+async fn relay() -> Relay {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::{Arc, Mutex};
+    let bodies: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let status = Arc::new(AtomicU16::new(200));
+    let (b, st) = (bodies.clone(), status.clone());
+    let app = axum::Router::new().route(
+        "/alerts",
+        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let (b, st) = (b.clone(), st.clone());
+            async move {
+                b.lock().unwrap().push(body);
+                let code = st.load(Ordering::SeqCst);
+                (
+                    axum::http::StatusCode::from_u16(code).unwrap(),
+                    if code == 200 {
+                        "ok"
+                    } else {
+                        "nope: bad chat id"
+                    },
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Relay {
+        url,
+        bodies,
+        status,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kaspi_outage_sends_one_alert_and_one_resolved_and_a_refusing_relay_dead_letters() {
+    let relay = relay().await;
+    let w = world_with(&format!(
+        "[alerts]\nurl = \"{}\"\npoll_failing_after = \"2s\"\nquiet_after = \"2s\"\ncheck_interval = \"300ms\"\n",
+        relay.url
+    ))
+    .await;
+    let (stop, task) = w.start_daemon();
+    wait_for("a first good poll", Duration::from_secs(20), || async {
+        count(
+            &w.db.pool,
+            "SELECT count(*) FROM poll_cursors WHERE marketplace = 'kaspi' AND last_success_at IS NOT NULL",
+        )
+        .await
+            == 1
+    })
+    .await;
+    // Kaspi answers 500 to the next 10 polls (about 10 s, polling every second):
+    // the outage of the test, standing for a long one.
+    w.kaspi
+        .inject(orderbridge::sim::kaspi::KaspiFault::ServerError, 10);
+    let of_outage = |bodies: &[serde_json::Value]| {
+        bodies
+            .iter()
+            .filter(|b| b["key"] == "poll_failing:kaspi:kaspi_main")
+            .map(|b| b["state"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    wait_for("the resolved alert", Duration::from_secs(40), || async {
+        of_outage(&relay.bodies.lock().unwrap()).contains(&"resolved".to_string())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let bodies = relay.bodies.lock().unwrap().clone();
+    assert_eq!(of_outage(&bodies), vec!["open", "resolved"], "{bodies:#?}");
+    let open = bodies
+        .iter()
+        .find(|b| b["key"] == "poll_failing:kaspi:kaspi_main")
+        .unwrap();
+    assert_eq!(open["kind"], "poll_failing");
+    assert_eq!(open["ids"]["shop"], "kaspi_main");
+    assert!(
+        open["text"]
+            .as_str()
+            .unwrap()
+            .contains("kaspi shop `kaspi_main`"),
+        "{open}"
+    );
+    println!("sample alert body: {open}");
+
+    // A relay that refuses (4xx): the delivery is dead-lettered with its answer.
+    relay.status.store(400, std::sync::atomic::Ordering::SeqCst);
+    w.kaspi
+        .inject(orderbridge::sim::kaspi::KaspiFault::ServerError, 5);
+    wait_for(
+        "the refused delivery dead-lettered",
+        Duration::from_secs(40),
+        || async {
+            count(
+                &w.db.pool,
+                "SELECT count(*) FROM outbox_jobs WHERE kind = 'alert' AND state = 'dead'
+               AND last_error LIKE '%answered 400: nope: bad chat id%'",
+            )
+            .await
+                >= 1
+        },
+    )
+    .await;
+    assert_eq!(
+        count(
+            &w.db.pool,
+            "SELECT count(*) FROM alerts WHERE kind = 'dead_letter'"
+        )
+        .await,
+        0,
+        "a dead alert delivery raises no alert of its own"
     );
     stop.cancel();
     task.await.unwrap();

@@ -6,6 +6,7 @@
 //! timers; [`pick_responsible`] chooses the responsible by the role's rule;
 //! [`timers`] fires due warnings and breaches exactly once as amoCRM tasks.
 
+pub mod alerts;
 pub mod calendar;
 pub mod timers;
 

@@ -37,6 +37,21 @@ pub async fn fire_due(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, StoreE
     let due = store::claim_due(&mut tx, now, 500).await?;
     for timer in &due {
         crate::store::outbox::enqueue(&mut tx, &task_job(timer)).await?;
+        if timer.kind == "breach" {
+            super::alerts::event(
+                &mut tx,
+                "sla_breach",
+                &format!(
+                    "SLA breached: {} order {} is still in «{}» past its deadline {}",
+                    timer.marketplace,
+                    timer.code,
+                    timer.stage,
+                    timer.deadline.map(|d| d.to_rfc3339()).unwrap_or_default()
+                ),
+                serde_json::json!({ "order": timer.code, "lead_id": timer.lead_id, "crm_account": timer.crm_account }),
+            )
+            .await?;
+        }
     }
     tx.commit().await?;
     for timer in &due {

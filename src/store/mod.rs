@@ -2,6 +2,7 @@
 //! embedded migrations and every SQL statement of the crate (one submodule per
 //! table family); nothing outside `store` writes a query.
 
+pub mod alerts;
 pub mod circuits;
 pub mod inbox;
 pub mod links;

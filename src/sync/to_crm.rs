@@ -911,6 +911,20 @@ impl CrmSyncHandler {
                 lead_id: Some(lead_id),
             }])
             .await?;
+        {
+            let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+            crate::sla::alerts::event(
+                &mut conn,
+                "unassigned",
+                &format!(
+                    "{} order {} has no responsible: nobody in role «{role}» is active in amoCRM",
+                    order.marketplace.as_str(),
+                    order.code
+                ),
+                serde_json::json!({ "order": order.code, "lead_id": lead_id, "crm_account": client.account_name() }),
+            )
+            .await?;
+        }
         timeline::record(
             &self.pool,
             order_id,
