@@ -141,23 +141,22 @@ pub async fn run_until(
         &Arc::new(sla.clone()),
         &shutdown,
     ));
+    // One handler (one writer per account) for the CRM sync and the
+    // responsible assignments.
+    let crm_sync = Arc::new(
+        crate::sync::to_crm::CrmSyncHandler::new(
+            pool.clone(),
+            crm_clients.clone(),
+            maps.clone(),
+            shop_crm(&settings),
+        )
+        .with_sla(sla.clone()),
+    );
     let engine = Engine::builder(pool.clone(), EngineConfig::from_settings(&settings.outbox))
         .owner(owner)
         .limiters(limiters.clone())
-        .handler(
-            crate::sync::ingest::CRM_SYNC_KIND,
-            crate::sync::to_crm::CrmSyncHandler::new(
-                pool.clone(),
-                crm_clients.clone(),
-                maps.clone(),
-                settings
-                    .shops
-                    .iter()
-                    .map(|(name, shop)| (name.clone(), shop.crm_account.clone()))
-                    .collect(),
-            )
-            .with_sla(sla.clone()),
-        )
+        .handler(crate::sync::to_crm::ASSIGN_KIND, crm_sync.clone())
+        .handler(crate::sync::ingest::CRM_SYNC_KIND, crm_sync)
         .handler(
             crate::sla::alerts::ALERT_KIND,
             crate::sla::alerts::AlertHandler::new(

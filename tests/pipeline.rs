@@ -116,7 +116,9 @@ async fn kaspi_orders_become_leads_with_one_contact_per_customer_and_follow_thei
     let (db, kaspi, amo, maps) = (&b.db, &b.kaspi, &b.amo, &b.maps);
     let engine = start(
         Engine::builder(db.pool.clone(), test_config())
-            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            // A manager's move into a stage with a role reassigns the responsible.
+            .handler(orderbridge::sync::to_crm::ASSIGN_KIND, crm_sync(&b)),
     );
     let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
     let now = chrono::Utc::now().timestamp_millis();
@@ -238,6 +240,8 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
     let engine = start(
         Engine::builder(db.pool.clone(), test_config())
             .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            // A manager's move into a stage with a role reassigns the responsible.
+            .handler(orderbridge::sync::to_crm::ASSIGN_KIND, crm_sync(&b))
             .handler(
                 MARKETPLACE_ACTION_KIND,
                 MarketplaceActionHandler {
@@ -378,6 +382,8 @@ async fn lost_webhooks_are_caught_by_the_events_poll_and_a_final_status_wins_wit
     let engine = start(
         Engine::builder(db.pool.clone(), test_config())
             .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            // A manager's move into a stage with a role reassigns the responsible.
+            .handler(orderbridge::sync::to_crm::ASSIGN_KIND, crm_sync(&b))
             .handler(
                 MARKETPLACE_ACTION_KIND,
                 MarketplaceActionHandler {
@@ -515,7 +521,9 @@ async fn a_lead_created_before_a_crash_is_found_by_its_exact_code_not_by_a_looka
     let decoy = amo.leads()[0].id;
     let engine = start(
         Engine::builder(db.pool.clone(), test_config())
-            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            // A manager's move into a stage with a role reassigns the responsible.
+            .handler(orderbridge::sync::to_crm::ASSIGN_KIND, crm_sync(&b)),
     );
     let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
     kaspi.create_order(SimOrderSpec {
@@ -593,7 +601,9 @@ async fn network_faults_on_contact_searches_leave_no_phone_in_attempts_or_logs()
     let (db, kaspi, amo) = (&b.db, &b.kaspi, &b.amo);
     let engine = start(
         Engine::builder(db.pool.clone(), test_config())
-            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            // A manager's move into a stage with a role reassigns the responsible.
+            .handler(orderbridge::sync::to_crm::ASSIGN_KIND, crm_sync(&b)),
     );
     let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
     let phones = ["7027770011", "7027770022", "7027770033"];
@@ -641,7 +651,9 @@ async fn a_changed_address_updates_the_lead_once_and_an_unchanged_order_sends_no
     let (db, kaspi, amo) = (&b.db, &b.kaspi, &b.amo);
     let engine = start(
         Engine::builder(db.pool.clone(), test_config())
-            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            // A manager's move into a stage with a role reassigns the responsible.
+            .handler(orderbridge::sync::to_crm::ASSIGN_KIND, crm_sync(&b)),
     );
     let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
     let order = kaspi.create_order(SimOrderSpec {
@@ -720,7 +732,9 @@ async fn twenty_orders_of_one_new_customer_at_once_make_one_contact_without_exha
     config.concurrency = 64;
     let engine = start(
         Engine::builder(db.pool.clone(), config)
-            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            // A manager's move into a stage with a role reassigns the responsible.
+            .handler(orderbridge::sync::to_crm::ASSIGN_KIND, crm_sync(&b)),
     );
     let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
     let now = chrono::Utc::now().timestamp_millis();
@@ -836,7 +850,9 @@ async fn an_order_without_phone_or_items_still_becomes_a_lead_with_a_note_naming
     let (db, kaspi, amo) = (&b.db, &b.kaspi, &b.amo);
     let engine = start(
         Engine::builder(db.pool.clone(), test_config())
-            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            // A manager's move into a stage with a role reassigns the responsible.
+            .handler(orderbridge::sync::to_crm::ASSIGN_KIND, crm_sync(&b)),
     );
     let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
     kaspi.create_order(SimOrderSpec {
@@ -872,7 +888,9 @@ async fn a_contact_amocrm_refuses_never_loses_the_lead() {
     amo.refuse_contact_value("7015550101");
     let engine = start(
         Engine::builder(db.pool.clone(), test_config())
-            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            // A manager's move into a stage with a role reassigns the responsible.
+            .handler(orderbridge::sync::to_crm::ASSIGN_KIND, crm_sync(&b)),
     );
     let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
     kaspi.create_order(SimOrderSpec {
@@ -933,7 +951,9 @@ async fn buyers_with_an_email_and_no_phone_are_matched_by_email() {
     let known = amo.seed_contact("Айгерим", &[], &["Aigerim@Example.kz"]);
     let engine = start(
         Engine::builder(db.pool.clone(), test_config())
-            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b)),
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            // A manager's move into a stage with a role reassigns the responsible.
+            .handler(orderbridge::sync::to_crm::ASSIGN_KIND, crm_sync(&b)),
     );
     let now = chrono::Utc::now().timestamp_millis();
     // Orders as a source that gives an email and no phone would give them.

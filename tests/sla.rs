@@ -239,25 +239,41 @@ async fn leaving_the_stage_in_time_cancels_its_timers_and_a_managers_move_is_an_
             .is_some_and(|o| o.status == "ACCEPTED_BY_MERCHANT")
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // One responsible per stage: the stage's role («warehouse») takes over.
+    let warehouse = w.amo.user_id("Склад").unwrap();
+    wait_for(
+        "the warehouse is responsible",
+        Duration::from_secs(20),
+        || async { w.amo.lead(lead).unwrap().responsible_user_id == warehouse },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
         w.tasks_of(lead, "SLA").is_empty(),
         "no SLA task for a stage left in time: {:?}",
         w.amo.tasks()
     );
-    let entries: Vec<(String, String, bool)> =
-        sqlx::query_as("SELECT stage, source, left_at IS NOT NULL FROM stage_entries ORDER BY id")
-            .fetch_all(&w.db.pool)
-            .await
-            .unwrap();
+    let entries: Vec<(String, String, bool, Option<i64>)> = sqlx::query_as(
+        "SELECT stage, source, left_at IS NOT NULL, responsible_user_id FROM stage_entries ORDER BY id",
+    )
+    .fetch_all(&w.db.pool)
+    .await
+    .unwrap();
+    let sales = w.amo.user_id("Менеджер по продажам").unwrap() as i64;
     assert_eq!(
         entries,
         vec![
-            ("Новая заявка".to_string(), "marketplace".to_string(), true),
+            (
+                "Новая заявка".to_string(),
+                "marketplace".to_string(),
+                true,
+                Some(sales)
+            ),
             (
                 "В работе / Сборка".to_string(),
                 "manager".to_string(),
-                false
+                false,
+                Some(warehouse as i64)
             ),
         ]
     );

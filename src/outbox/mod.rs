@@ -133,6 +133,18 @@ pub trait Handler: Send + Sync + 'static {
     fn classify(&self, error: &Self::Error) -> RetryAction;
 }
 
+/// A shared handler runs jobs of several kinds (it may tell them apart by
+/// `JobContext::kind`).
+impl<H: Handler> Handler for Arc<H> {
+    type Error = H::Error;
+    fn run(&self, job: &JobContext) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        H::run(self, job)
+    }
+    fn classify(&self, error: &Self::Error) -> RetryAction {
+        H::classify(self, error)
+    }
+}
+
 /// Object-safe form of [`Handler`], used by the engine.
 trait ErasedHandler: Send + Sync {
     fn call<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, RetryAction>;

@@ -62,7 +62,46 @@ pub enum ToCrmError {
     Refused { code: String, reason: String },
 }
 
-/// The `crm_sync_order` handler.
+/// Job kind of "make the stage's responsible the lead's responsible" (after a
+/// manager's move into a stage with a role).
+pub const ASSIGN_KIND: &str = "crm_assign_responsible";
+
+/// What an assignment job carries.
+pub struct Assign<'a> {
+    pub order_id: i64,
+    pub crm_account: &'a str,
+    pub lead_id: i64,
+    pub marketplace: &'a str,
+    pub shop: &'a str,
+    pub external_id: &'a str,
+    pub role: &'a str,
+    /// `None`: nobody in the role can be assigned (the supervisor is alerted).
+    pub user: Option<u64>,
+}
+
+/// The job that sets (or, with nobody to set, alerts about) a lead's
+/// responsible; ordered with the order's other jobs.
+pub fn assign_job(assign: &Assign<'_>) -> crate::outbox::NewJob {
+    crate::outbox::NewJob {
+        kind: ASSIGN_KIND.to_string(),
+        target: format!("amocrm:{}", assign.crm_account),
+        ordering_key: crate::sync::ingest::order_key(
+            assign.marketplace,
+            assign.shop,
+            assign.external_id,
+        ),
+        dedupe_key: None,
+        payload: serde_json::json!({
+            "order_id": assign.order_id, "crm_account": assign.crm_account, "lead_id": assign.lead_id,
+            "marketplace": assign.marketplace, "account": assign.shop, "external_id": assign.external_id,
+            "role": assign.role, "user": assign.user,
+        }),
+        run_at: None,
+    }
+}
+
+/// The `crm_sync_order` handler (and, registered as a shared handler, the
+/// `crm_assign_responsible` one).
 pub struct CrmSyncHandler {
     pool: PgPool,
     /// CRM clients by CRM account name.
@@ -134,6 +173,9 @@ impl Handler for CrmSyncHandler {
     type Error = ToCrmError;
 
     async fn run(&self, job: &JobContext) -> Result<(), ToCrmError> {
+        if job.kind == ASSIGN_KIND {
+            return self.assign_responsible(job).await;
+        }
         let field = |k: &str| {
             job.payload[k]
                 .as_str()
@@ -800,6 +842,79 @@ impl CrmSyncHandler {
         .await?;
         metrics::counter!("orderbridge_leads_created_total", "marketplace" => order.marketplace.as_str()).increment(1);
         tracing::info!(order = %order.code, lead_id, contact_id, "Lead created for the order.");
+        Ok(())
+    }
+
+    /// An `crm_assign_responsible` job: the stage's responsible becomes the
+    /// lead's; nobody to assign: the supervisor's task, the tag, the alert.
+    async fn assign_responsible(&self, job: &JobContext) -> Result<(), ToCrmError> {
+        let p = &job.payload;
+        let text = |k: &str| {
+            p[k].as_str()
+                .map(str::to_string)
+                .ok_or_else(|| ToCrmError::BadPayload(format!("no `{k}`")))
+        };
+        let (crm_account, shop, marketplace, external_id, role) = (
+            text("crm_account")?,
+            text("account")?,
+            text("marketplace")?,
+            text("external_id")?,
+            text("role")?,
+        );
+        let (Some(order_id), Some(lead_id)) = (p["order_id"].as_i64(), p["lead_id"].as_u64())
+        else {
+            return Err(ToCrmError::BadPayload("no `order_id` or `lead_id`".into()));
+        };
+        let (Some(client), Some(writer)) = (
+            self.clients.get(&crm_account),
+            self.writers.get(&crm_account),
+        ) else {
+            return Err(ToCrmError::NoClient(crm_account));
+        };
+        match p["user"].as_u64() {
+            Some(user) => {
+                writer
+                    .update(LeadUpdate {
+                        id: lead_id,
+                        responsible_user_id: Some(user),
+                        ..LeadUpdate::default()
+                    })
+                    .await
+                    .map_err(ToCrmError::Write)?;
+                timeline::record(
+                    &self.pool,
+                    order_id,
+                    "responsible",
+                    &format!("user {user} of role «{role}» is responsible in the manager's stage"),
+                )
+                .await;
+            }
+            None => {
+                let order = orders::snapshot(&self.pool, &marketplace, &shop, &external_id)
+                    .await?
+                    .ok_or_else(|| ToCrmError::NoOrder(external_id.clone()))?;
+                let maps = self.maps.current();
+                let map = maps
+                    .shops
+                    .get(&shop)
+                    .ok_or_else(|| ToCrmError::NoMap(shop.clone()))?;
+                writer
+                    .update(LeadUpdate {
+                        id: lead_id,
+                        tags_to_add: vec![UNASSIGNED_TAG.to_string()],
+                        ..LeadUpdate::default()
+                    })
+                    .await
+                    .map_err(ToCrmError::Write)?;
+                let assignment = Assignment {
+                    user: None,
+                    role: Some(role),
+                    unassigned: true,
+                };
+                self.alert_unassigned(client, map, &order, order_id, lead_id, &assignment)
+                    .await?;
+            }
+        }
         Ok(())
     }
 

@@ -246,6 +246,39 @@ async fn judge(
             *stage_sla,
             order.as_ref().and_then(|o| o.marketplace_deadline),
         );
+        // One responsible per stage: the stage's role picks one (the CRM
+        // write is a job of its own); without a role the manager who moved it.
+        let picked = match (role, map.as_ref()) {
+            (Some(role), Some(map)) => match map.roles.get(role) {
+                Some(def) => {
+                    Some(crate::sla::pick_responsible(pool, &row.account, role, def).await?)
+                }
+                None => None,
+            },
+            _ => None,
+        };
+        let responsible = match picked {
+            Some(user) => user,
+            None => author,
+        };
+        if let (Some(user), Some(role)) = (picked, role) {
+            if user != author || user.is_none() {
+                crate::store::outbox::enqueue(
+                    tx,
+                    &crate::sync::to_crm::assign_job(&crate::sync::to_crm::Assign {
+                        order_id: link.order_id,
+                        crm_account: &row.account,
+                        lead_id,
+                        marketplace: &marketplace,
+                        shop: &shop,
+                        external_id: &external_id,
+                        role,
+                        user,
+                    }),
+                )
+                .await?;
+            }
+        }
         crate::store::sla::enter(
             tx,
             &crate::store::sla::NewEntry {
@@ -257,7 +290,7 @@ async fn judge(
                 stage: stage.clone(),
                 role: role.clone(),
                 source: "manager",
-                responsible_user_id: author.map(|a| a as i64),
+                responsible_user_id: responsible.map(|a| a as i64),
                 entered_at: now,
                 warn_at,
                 deadline,
