@@ -82,6 +82,9 @@ pub struct Summary {
     pub actions_refused: usize,
     pub jobs_pending: i64,
     pub jobs_dead: i64,
+    /// SLA tasks the bridge gave slow managers in amoCRM.
+    pub sla_warnings: usize,
+    pub sla_breaches: usize,
 }
 
 impl fmt::Display for Summary {
@@ -95,7 +98,9 @@ impl fmt::Display for Summary {
         writeln!(f, "actions_sent: {}", self.actions_sent)?;
         writeln!(f, "actions_refused: {}", self.actions_refused)?;
         writeln!(f, "jobs_pending: {}", self.jobs_pending)?;
-        write!(f, "jobs_dead: {}", self.jobs_dead)
+        writeln!(f, "jobs_dead: {}", self.jobs_dead)?;
+        writeln!(f, "sla_warnings: {}", self.sla_warnings)?;
+        write!(f, "sla_breaches: {}", self.sla_breaches)
     }
 }
 
@@ -129,7 +134,8 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<Finish
     });
     seed_crm_from_maps(&world.amo, &[Path::new(KASPI_MAP), Path::new(AVITO_MAP)])?;
     let database_url = prepare_database(&options).await?;
-    let settings = settings(&options, &world, &database_url)?;
+    let maps = scaled_maps(options.speed)?;
+    let settings = settings(&options, &world, &database_url, &maps)?;
     let daemon_stop = CancellationToken::new();
     let daemon = tokio::spawn(crate::daemon::run_until(
         settings,
@@ -218,10 +224,55 @@ async fn prepare_database(options: &DemoOptions) -> Result<String, DemoError> {
     Ok(url.to_string())
 }
 
+/// The shipped maps with every stage's SLA divided by the demo's speed (as
+/// the managers' and marketplaces' delays are), so that slow managers meet
+/// SLA warnings and breaches within minutes. Returns (Kaspi map, Avito map).
+fn scaled_maps(speed: f64) -> Result<(String, String), DemoError> {
+    let dir = std::env::temp_dir().join(format!("orderbridge-demo-maps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| DemoError::Config(e.to_string()))?;
+    let mut paths = Vec::new();
+    for (source, name) in [(KASPI_MAP, "kaspi.toml"), (AVITO_MAP, "avito.toml")] {
+        let text = std::fs::read_to_string(source)
+            .map_err(|e| DemoError::Config(format!("{source}: {e}")))?;
+        let scaled: Vec<String> = text
+            .lines()
+            .map(|line| scale_sla_line(line, speed))
+            .collect();
+        let path = dir.join(name);
+        std::fs::write(&path, scaled.join("\n") + "\n")
+            .map_err(|e| DemoError::Config(e.to_string()))?;
+        paths.push(path.display().to_string());
+    }
+    Ok((paths[0].clone(), paths[1].clone()))
+}
+
+/// `sla = "15m"` at speed 10 becomes `sla = "1m 30s"`; other lines (and
+/// `end_of_day`) stay.
+fn scale_sla_line(line: &str, speed: f64) -> String {
+    let Some(value) = line
+        .trim()
+        .strip_prefix("sla = \"")
+        .and_then(|v| v.strip_suffix('"'))
+    else {
+        return line.to_string();
+    };
+    match humantime::parse_duration(value) {
+        Ok(duration) if speed > 0.0 => {
+            let scaled = Duration::from_secs_f64((duration.as_secs_f64() / speed).max(1.0));
+            format!(
+                "sla = \"{}\"",
+                humantime::format_duration(Duration::from_secs(scaled.as_secs()))
+            )
+        }
+        _ => line.to_string(),
+    }
+}
+
 fn settings(
     options: &DemoOptions,
     world: &World,
     database_url: &str,
+    maps: &(String, String),
 ) -> Result<Settings, DemoError> {
     let avito = AvitoSimConfig::default();
     let text = format!(
@@ -244,20 +295,22 @@ token = "{AMO_TOKEN}"
 [shops.kaspi_demo]
 marketplace = "kaspi"
 crm_account = "main"
-map = "{KASPI_MAP}"
+map = "{kaspi_map}"
 base_url = "{kaspi}"
 poll_interval = "2s"
 token = "kaspi-test-token"
 [shops.avito_demo]
 marketplace = "avito"
 crm_account = "main"
-map = "{AVITO_MAP}"
+map = "{avito_map}"
 base_url = "{avito_url}"
 poll_interval = "2s"
 client_id = "{client_id}"
 client_secret = "{client_secret}"
 "#,
         listen = options.listen,
+        kaspi_map = maps.0,
+        avito_map = maps.1,
         amo = world.amo.base_url(),
         kaspi = world.kaspi.base_url(),
         avito_url = world.avito.base_url(),
@@ -516,14 +569,14 @@ async fn act(world: std::sync::Arc<World>, options: DemoOptions, stop: Cancellat
         for lead in world.amo.leads() {
             let entry = seen.entry(lead.id).or_insert((lead.status_id, now, 0.0));
             if entry.0 != lead.status_id || entry.2 == 0.0 {
-                *entry = (lead.status_id, now, rng.random_range(60.0..480.0));
+                *entry = (lead.status_id, now, manager_delay(&mut rng));
             }
             if now - entry.1 < entry.2 {
                 continue;
             }
             // Due: the next step, then wait again.
             entry.1 = now;
-            entry.2 = rng.random_range(60.0..480.0);
+            entry.2 = manager_delay(&mut rng);
             let Some((pipeline, stage)) = stages.get(&lead.status_id).cloned() else {
                 continue;
             };
@@ -623,6 +676,17 @@ async fn live_status(world: std::sync::Arc<World>, pool: sqlx::PgPool, stop: Can
     }
 }
 
+/// How long a simulated manager takes with a lead, in demo seconds: mostly
+/// 1–8 minutes, now and then (one in six) 10–25, past the new stage's SLA, so
+/// that the bridge's SLA warnings and breaches show.
+fn manager_delay(rng: &mut impl rand::Rng) -> f64 {
+    if rng.random_bool(1.0 / 6.0) {
+        rng.random_range(600.0..1500.0)
+    } else {
+        rng.random_range(60.0..480.0)
+    }
+}
+
 /// What the simulators (and the outbox) hold now.
 pub async fn summarize(world: &World, pool: &sqlx::PgPool) -> Result<Summary, DemoError> {
     let leads = world.amo.leads();
@@ -680,5 +744,17 @@ pub async fn summarize(world: &World, pool: &sqlx::PgPool) -> Result<Summary, De
         jobs_pending: depth.get("pending").copied().unwrap_or(0)
             + depth.get("running").copied().unwrap_or(0),
         jobs_dead: depth.get("dead").copied().unwrap_or(0),
+        sla_warnings: world
+            .amo
+            .tasks()
+            .iter()
+            .filter(|t| t.text.starts_with("SLA:"))
+            .count(),
+        sla_breaches: world
+            .amo
+            .tasks()
+            .iter()
+            .filter(|t| t.text.starts_with("SLA нарушен"))
+            .count(),
     })
 }
