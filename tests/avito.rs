@@ -144,6 +144,9 @@ async fn orders_are_read_page_by_page_and_converted() {
     assert_eq!(first.commission.0, 2_000);
     assert_eq!(first.order.total.0, 100_000);
     assert!(first.confirm_till.is_some());
+    // On confirmation, Avito's confirmTill is the order's own deadline (it
+    // tightens the stage's SLA when earlier); a closed order has none.
+    assert_eq!(first.order.marketplace_deadline, first.confirm_till);
     assert_eq!(
         first.order.customer.phone.as_ref().unwrap().as_e164(),
         "+79876543210"
@@ -153,6 +156,7 @@ async fn orders_are_read_page_by_page_and_converted() {
     let one = client.order("59999999999999999").await.unwrap().unwrap();
     assert_eq!(one.order.status.as_str(), "closed");
     assert!(one.order.is_terminal);
+    assert_eq!(one.order.marketplace_deadline, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
