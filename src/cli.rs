@@ -67,6 +67,22 @@ pub enum Command {
     /// and repair every difference through the outbox. Exit code 1 when
     /// something could not be repaired.
     Reconcile(ReconcileArgs),
+    /// The KPIs a manager watches (confirmation time, SLA compliance, full
+    /// cycle, cancellations, the sync's health) for a range, as tables or JSON.
+    Kpi {
+        /// Range start: a moment, a date (its start in Almaty) or a duration back (7d). Default: 24h.
+        #[arg(long)]
+        from: Option<String>,
+        /// Range end (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this shop.
+        #[arg(long)]
+        shop: Option<String>,
+        /// JSON (the same as `GET /api/kpi`).
+        #[arg(long)]
+        json: bool,
+    },
     /// One order's story across the marketplace, the bridge and amoCRM.
     Order {
         #[command(subcommand)]
@@ -183,6 +199,8 @@ pub enum BenchWhich {
     Kaspi(crate::bench::kaspi::KaspiBenchArgs),
     /// Avito transitions against the simulator's (scaled) per-minute limit.
     Avito(crate::bench::avito::AvitoBenchArgs),
+    /// The KPIs over a seeded history of 100,000 orders.
+    Kpi(crate::bench::kpi::KpiBenchArgs),
     /// Reconciliation: 5,000 orders with leads, 200 drifts planted, one run.
     Reconcile(crate::bench::reconcile::ReconcileBenchArgs),
 }
@@ -294,6 +312,19 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Kpi {
+            from,
+            to,
+            shop,
+            json,
+        } => {
+            let kpis = kpi(&settings, from.as_deref(), to.as_deref(), shop.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&kpis)?);
+            } else {
+                println!("{}", crate::sla::kpi::render(&kpis));
+            }
+        }
         Command::Order {
             action: OrderAction::Show { code, shop, json },
         } => match order_show(&settings, &code, shop.as_deref(), json).await? {
@@ -331,6 +362,11 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             which: BenchWhich::Outbox(args),
         } => {
             crate::bench::outbox::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Bench {
+            which: BenchWhich::Kpi(args),
+        } => {
+            crate::bench::kpi::run(&settings, &args, &mut std::io::stdout()).await?;
         }
         Command::Bench {
             which: BenchWhich::Reconcile(args),
@@ -584,6 +620,26 @@ impl Bars {
             bar.finish();
         }
     }
+}
+
+/// `orderbridge kpi`: the KPIs of `[from, to)` (default: the last 24 h).
+pub async fn kpi(
+    settings: &Settings,
+    from: Option<&str>,
+    to: Option<&str>,
+    shop: Option<&str>,
+) -> anyhow::Result<crate::sla::kpi::Kpis> {
+    let now = chrono::Utc::now();
+    let parse = |v: Option<&str>, default| match v {
+        None => Ok(default),
+        Some(text) => crate::sla::kpi::parse_moment(text, now).map_err(anyhow::Error::msg),
+    };
+    let from = parse(from, now - chrono::Duration::hours(24))?;
+    let to = parse(to, now)?;
+    anyhow::ensure!(from < to, "--from must be before --to");
+    let pool = crate::daemon::open_database(&settings.database).await?;
+    crate::store::ensure_schema_current(&pool).await?;
+    Ok(crate::sla::kpi::compute(&pool, from, to, shop, now).await?)
 }
 
 /// `orderbridge order show`: the order's timeline as a table (or JSON);

@@ -60,6 +60,10 @@ pub struct HttpSettings {
     /// events poll is the only intake of managers' moves.
     #[serde(default)]
     pub public_url: Option<String>,
+    /// Required for the dashboard and `/api/kpi` when `listen` is not a
+    /// loopback address (as `Authorization: Bearer …` or basic auth's password).
+    #[serde(default)]
+    pub access_token: Option<SecretString>,
 }
 
 /// SLA timers: working time and when warnings come.

@@ -100,7 +100,15 @@ pub async fn run_until(
         webhook_body_limit: settings.http.webhook_body_limit_bytes,
         maps: Some(maps.clone()),
         inbox_wake: inbox_wake.clone(),
+        dashboard: crate::http::DashboardAccess::for_listen(
+            settings.http.listen,
+            settings.http.access_token.clone(),
+        ),
     };
+    if matches!(state.dashboard, crate::http::DashboardAccess::Refused) {
+        tracing::warn!(listen = %settings.http.listen,
+            "http.listen is not a loopback address and no http.access_token is set: /api/kpi (and the dashboard) refuse every request.");
+    }
     // Supervised: a failed server is served again on a fresh bind of the address.
     let http = {
         let first = Arc::new(std::sync::Mutex::new(Some(listener)));

@@ -32,6 +32,7 @@ async fn serve(pool: sqlx::PgPool, limit: usize) -> (String, tokio_util::sync::C
         avito_hooks: Default::default(),
         maps: None,
         inbox_wake: Default::default(),
+        dashboard: Default::default(),
     };
     tokio::spawn(orderbridge::http::serve(listener, state, shutdown.clone()));
     (format!("http://{addr}"), shutdown)

@@ -271,6 +271,7 @@ async fn readyz_reports_an_unreachable_database() {
             avito_hooks: Default::default(),
             maps: None,
             inbox_wake: Default::default(),
+            dashboard: Default::default(),
         },
         shutdown.clone(),
     ));

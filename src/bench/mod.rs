@@ -5,5 +5,6 @@
 pub mod amocrm;
 pub mod avito;
 pub mod kaspi;
+pub mod kpi;
 pub mod outbox;
 pub mod reconcile;

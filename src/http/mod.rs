@@ -33,6 +33,75 @@ pub struct AppState {
     /// Woken when an amoCRM webhook stored changes, so the inbox processor acts
     /// at once instead of at its next tick.
     pub inbox_wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Who may see the dashboard and `/api/kpi`.
+    pub dashboard: DashboardAccess,
+}
+
+/// Who may see the dashboard and the KPI API.
+#[derive(Clone, Default)]
+pub enum DashboardAccess {
+    /// Served on a loopback address: anyone who can reach it.
+    #[default]
+    Loopback,
+    /// A public address with `http.access_token`: bearer or basic auth.
+    Token(secrecy::SecretString),
+    /// A public address without a token: refused (never served openly).
+    Refused,
+}
+
+impl DashboardAccess {
+    pub fn for_listen(listen: SocketAddr, token: Option<secrecy::SecretString>) -> DashboardAccess {
+        match (listen.ip().is_loopback(), token) {
+            (_, Some(token)) => DashboardAccess::Token(token),
+            (true, None) => DashboardAccess::Loopback,
+            (false, None) => DashboardAccess::Refused,
+        }
+    }
+
+    /// `None` when the request may pass; else the answer.
+    fn check(&self, headers: &axum::http::HeaderMap) -> Option<Response> {
+        use secrecy::ExposeSecret;
+        match self {
+            DashboardAccess::Loopback => None,
+            DashboardAccess::Refused => Some(
+                (
+                    StatusCode::FORBIDDEN,
+                    "the dashboard and /api/kpi are not served on a public address without http.access_token",
+                )
+                    .into_response(),
+            ),
+            DashboardAccess::Token(token) => {
+                let given = headers
+                    .get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| {
+                        if let Some(bearer) = v.strip_prefix("Bearer ") {
+                            Some(bearer.trim().to_string())
+                        } else {
+                            let basic = v.strip_prefix("Basic ")?;
+                            use base64::Engine;
+                            let decoded = base64::engine::general_purpose::STANDARD
+                                .decode(basic.trim())
+                                .ok()?;
+                            let text = String::from_utf8(decoded).ok()?;
+                            text.split_once(':').map(|(_, p)| p.to_string())
+                        }
+                    });
+                if given.as_deref() == Some(token.expose_secret()) {
+                    None
+                } else {
+                    Some(
+                        (
+                            StatusCode::UNAUTHORIZED,
+                            [(axum::http::header::WWW_AUTHENTICATE, "Basic realm=\"orderbridge\"")],
+                            "an access token is required",
+                        )
+                            .into_response(),
+                    )
+                }
+            }
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -41,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/api/kpi", get(api_kpi))
         .route(
             "/hooks/amocrm/{secret}",
             post(hooks::amocrm).layer(DefaultBodyLimit::max(limit)),
@@ -80,6 +150,44 @@ pub async fn serve(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .map_err(HttpError::Serve)
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct KpiQuery {
+    from: Option<String>,
+    to: Option<String>,
+    shop: Option<String>,
+}
+
+/// `GET /api/kpi?from=&to=&shop=`: the KPIs as JSON (default: the last 24 h).
+async fn api_kpi(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<KpiQuery>,
+) -> Response {
+    if let Some(denied) = state.dashboard.check(&headers) {
+        return denied;
+    }
+    let now = chrono::Utc::now();
+    let parse = |v: &Option<String>, default| match v {
+        None => Ok(default),
+        Some(text) => crate::sla::kpi::parse_moment(text, now),
+    };
+    let (from, to) = match (
+        parse(&query.from, now - chrono::Duration::hours(24)),
+        parse(&query.to, now),
+    ) {
+        (Ok(from), Ok(to)) if from < to => (from, to),
+        (Err(why), _) | (_, Err(why)) => return (StatusCode::BAD_REQUEST, why).into_response(),
+        _ => return (StatusCode::BAD_REQUEST, "`from` must be before `to`").into_response(),
+    };
+    match crate::sla::kpi::compute(&state.pool, from, to, query.shop.as_deref(), now).await {
+        Ok(kpis) => axum::Json(kpis).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "Computing the KPIs failed.");
+            (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response()
+        }
+    }
 }
 
 async fn healthz() -> &'static str {

@@ -8,6 +8,7 @@
 
 pub mod alerts;
 pub mod calendar;
+pub mod kpi;
 pub mod timers;
 
 use std::time::Duration;

@@ -5,6 +5,7 @@
 pub mod alerts;
 pub mod circuits;
 pub mod inbox;
+pub mod kpi;
 pub mod links;
 pub mod orders;
 pub mod outbox;

@@ -1,0 +1,425 @@
+//! The KPIs on a seeded history, checked against hand-computed values; the
+//! JSON API equals the command's figures; the API's access rules on a public
+//! address. Real PostgreSQL.
+
+mod common;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use common::*;
+use orderbridge::http::{AppState, DashboardAccess};
+use secrecy::SecretString;
+use sqlx::PgPool;
+
+/// An order first seen at `seen`, with its marketplace status history.
+async fn order(
+    pool: &PgPool,
+    shop: &str,
+    code: &str,
+    seen: DateTime<Utc>,
+    history: &[(&str, i64)],
+    reason: Option<&str>,
+) -> i64 {
+    let status = history.last().map(|(k, _)| *k).unwrap_or("new");
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO orders (marketplace, account, external_id, code, status_key, is_terminal,
+                             content_hash, snapshot, source_created_at, first_seen_at)
+         VALUES ('kaspi', $1, $2, $2, $3, $4, 'h', $5, $6, $6) RETURNING id",
+    )
+    .bind(shop)
+    .bind(code)
+    .bind(status)
+    .bind(matches!(status, "completed" | "cancelled"))
+    .bind(serde_json::json!({ "cancellation_reason": reason }))
+    .bind(seen)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let mut from: Option<&str> = None;
+    sqlx::query(
+        "INSERT INTO order_stage_history (order_id, to_key, observed_at) VALUES ($1, 'new', $2)",
+    )
+    .bind(id)
+    .bind(seen)
+    .execute(pool)
+    .await
+    .unwrap();
+    for (key, after_s) in history {
+        sqlx::query(
+            "INSERT INTO order_stage_history (order_id, from_key, to_key, observed_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(from.unwrap_or("new"))
+        .bind(key)
+        .bind(seen + Duration::seconds(*after_s))
+        .execute(pool)
+        .await
+        .unwrap();
+        from = Some(key);
+    }
+    id
+}
+
+async fn link(pool: &PgPool, order_id: i64, lead: i64, at: DateTime<Utc>) {
+    sqlx::query(
+        "INSERT INTO crm_links (order_id, crm_account, lead_id, created_at) VALUES ($1, 'main', $2, $3)",
+    )
+    .bind(order_id)
+    .bind(lead)
+    .bind(at)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn entry(
+    pool: &PgPool,
+    order_id: i64,
+    stage: &str,
+    role: Option<&str>,
+    responsible: Option<i64>,
+    entered: DateTime<Utc>,
+    deadline: Option<DateTime<Utc>>,
+    left: Option<DateTime<Utc>>,
+) {
+    sqlx::query(
+        "INSERT INTO stage_entries (order_id, crm_account, lead_id, pipeline_id, status_id, stage, role,
+                                    source, responsible_user_id, entered_at, deadline, left_at)
+         VALUES ($1, 'main', $1, 1, 1, $2, $3, 'marketplace', $4, $5, $6, $7)",
+    )
+    .bind(order_id)
+    .bind(stage)
+    .bind(role)
+    .bind(responsible)
+    .bind(entered)
+    .bind(deadline)
+    .bind(left)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+const MIN: i64 = 60;
+const HOUR: i64 = 3600;
+
+/// Five orders of two shops; A completes, B skips «accepted», C is cancelled
+/// while new, D after acceptance, E stays open.
+async fn seed(pool: &PgPool, t0: DateTime<Utc>) {
+    let a = order(
+        pool,
+        "s1",
+        "A",
+        t0,
+        &[("accepted", 10 * MIN), ("completed", 30 * HOUR)],
+        None,
+    )
+    .await;
+    let b = order(
+        pool,
+        "s1",
+        "B",
+        t0,
+        &[("assembled", 20 * MIN), ("completed", 20 * HOUR)],
+        None,
+    )
+    .await;
+    order(
+        pool,
+        "s1",
+        "C",
+        t0,
+        &[("cancelled", 5 * MIN)],
+        Some("BUYER_CANCELLATION_BY_MERCHANT"),
+    )
+    .await;
+    let d = order(
+        pool,
+        "s1",
+        "D",
+        t0,
+        &[("accepted", 30 * MIN), ("cancelled", 2 * HOUR)],
+        Some("OUT_OF_STOCK"),
+    )
+    .await;
+    let e = order(pool, "s2", "E", t0, &[], None).await;
+    link(pool, a, 1, t0 + Duration::seconds(2)).await;
+    link(pool, b, 2, t0 + Duration::seconds(4)).await;
+    let new = "Новая заявка";
+    let work = "В работе / Сборка";
+    // Left in time; left late; still there past the deadline; still there
+    // before it (not judged yet, and nobody responsible); no SLA.
+    entry(
+        pool,
+        a,
+        new,
+        Some("sales"),
+        Some(7),
+        t0,
+        Some(t0 + Duration::minutes(15)),
+        Some(t0 + Duration::minutes(10)),
+    )
+    .await;
+    entry(
+        pool,
+        d,
+        new,
+        Some("sales"),
+        Some(7),
+        t0,
+        Some(t0 + Duration::minutes(15)),
+        Some(t0 + Duration::minutes(20)),
+    )
+    .await;
+    entry(
+        pool,
+        d,
+        work,
+        Some("warehouse"),
+        Some(8),
+        t0 + Duration::minutes(20),
+        Some(t0 + Duration::hours(2)),
+        None,
+    )
+    .await;
+    entry(
+        pool,
+        e,
+        work,
+        Some("warehouse"),
+        None,
+        Utc::now(),
+        Some(Utc::now() + Duration::hours(2)),
+        None,
+    )
+    .await;
+    entry(pool, b, "Готов к отгрузке", None, Some(9), t0, None, None).await;
+}
+
+#[tokio::test]
+async fn the_figures_equal_the_hand_computed_ones() {
+    let db = fresh_db().await;
+    let t0 = Utc::now() - Duration::days(3);
+    seed(&db.pool, t0).await;
+    let now = Utc::now();
+    let kpis = orderbridge::sla::kpi::compute(&db.pool, t0 - Duration::hours(1), now, None, now)
+        .await
+        .unwrap();
+    let all = &kpis.orders[0];
+    assert_eq!(
+        (all.marketplace.as_deref(), all.shop.as_deref()),
+        (None, None)
+    );
+    assert_eq!(all.orders, 5);
+    // Confirmed: A at 10 min, B at 20 (it skipped «accepted»), D at 30.
+    assert_eq!(all.confirmed, 3);
+    assert_eq!(all.confirmation_p50_s, Some(1200.0));
+    assert_eq!(all.confirmation_p90_s, Some(1680.0), "1200 + 0.8 × 600");
+    // Completed: B after 20 h, A after 30 h.
+    assert_eq!(all.completed, 2);
+    assert_eq!(all.full_cycle_p50_s, Some(25.0 * 3600.0));
+    assert_eq!(all.full_cycle_p90_s, Some(72_000.0 + 0.9 * 36_000.0));
+    assert_eq!(all.cancelled, 2);
+    assert_eq!((all.with_lead, all.lead_lag_p50_s), (2, Some(3.0)));
+    let s1 = kpis
+        .orders
+        .iter()
+        .find(|o| o.shop.as_deref() == Some("s1"))
+        .unwrap();
+    let s2 = kpis
+        .orders
+        .iter()
+        .find(|o| o.shop.as_deref() == Some("s2"))
+        .unwrap();
+    assert_eq!((s1.orders, s2.orders, s2.confirmed), (4, 1, 0));
+    // SLA: «Новая заявка» 1 in time, 1 late; «В работе» 1 past its deadline
+    // (the other is not due yet); overall 1 of 3.
+    let stage = |name: Option<&str>| {
+        kpis.sla
+            .iter()
+            .find(|s| s.stage.as_deref() == name)
+            .unwrap()
+    };
+    assert_eq!((stage(None).within, stage(None).breached), (1, 2));
+    assert_eq!(
+        (
+            stage(Some("Новая заявка")).within,
+            stage(Some("Новая заявка")).breached
+        ),
+        (1, 1)
+    );
+    assert_eq!(
+        (
+            stage(Some("В работе / Сборка")).within,
+            stage(Some("В работе / Сборка")).breached
+        ),
+        (0, 1)
+    );
+    assert!(
+        kpis.sla
+            .iter()
+            .all(|s| s.stage.as_deref() != Some("Готов к отгрузке")),
+        "no SLA, not judged"
+    );
+    let tile = |name: &str| kpis.tiles.iter().find(|t| t.name == name).unwrap();
+    assert_eq!(tile("confirmation_p50").value, Some(20.0));
+    assert_eq!(
+        tile("confirmation_p50").standing,
+        orderbridge::sla::kpi::Standing::Amber
+    );
+    let compliance = tile("sla_compliance").value.unwrap();
+    assert!((compliance - 100.0 / 3.0).abs() < 1e-9, "{compliance}");
+    assert_eq!(tile("full_cycle_p50").value, Some(25.0));
+    assert_eq!(
+        tile("full_cycle_p50").standing,
+        orderbridge::sla::kpi::Standing::Green
+    );
+    assert_eq!(tile("cancellation_rate").value, Some(40.0));
+    assert_eq!(
+        tile("cancellation_rate").standing,
+        orderbridge::sla::kpi::Standing::Red
+    );
+    let reasons: Vec<(Option<String>, i64)> = kpis
+        .cancellations
+        .iter()
+        .map(|c| (c.reason.clone(), c.orders))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (Some("BUYER_CANCELLATION_BY_MERCHANT".into()), 1),
+            (Some("OUT_OF_STOCK".into()), 1)
+        ]
+    );
+    assert_eq!(kpis.health.unassigned_now, 1);
+    // One shop.
+    let s2_only =
+        orderbridge::sla::kpi::compute(&db.pool, t0 - Duration::hours(1), now, Some("s2"), now)
+            .await
+            .unwrap();
+    assert_eq!(s2_only.orders[0].orders, 1);
+    assert_eq!(s2_only.health.unassigned_now, 1);
+    println!("{}", orderbridge::sla::kpi::render(&kpis));
+    db.drop_now().await.unwrap();
+}
+
+async fn serve(pool: PgPool, dashboard: DashboardAccess) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let state = AppState {
+        pool,
+        metrics: orderbridge::telemetry::metrics().unwrap(),
+        amocrm_hooks: Default::default(),
+        avito_hooks: Default::default(),
+        webhook_body_limit: 1 << 20,
+        maps: None,
+        inbox_wake: Arc::default(),
+        dashboard,
+    };
+    tokio::spawn(orderbridge::http::serve(
+        listener,
+        state,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    url
+}
+
+#[tokio::test]
+async fn the_json_api_gives_the_commands_figures_and_a_public_address_needs_a_token() {
+    let db = fresh_db().await;
+    let t0 = Utc::now() - Duration::days(3);
+    seed(&db.pool, t0).await;
+    let (from, to) = (
+        (t0 - Duration::hours(1)).to_rfc3339(),
+        Utc::now().to_rfc3339(),
+    );
+    let url = serve(db.pool.clone(), DashboardAccess::Loopback).await;
+    let api: serde_json::Value = reqwest::Client::new()
+        .get(format!("{url}/api/kpi"))
+        .query(&[("from", from.as_str()), ("to", to.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let settings = orderbridge::config::Settings::load_from(
+        None,
+        vec![(
+            "DATABASE_URL".to_string(),
+            format!("{}/{}", admin_url().rsplit_once('/').unwrap().0, db.name),
+        )],
+    )
+    .unwrap();
+    let cli = serde_json::to_value(
+        orderbridge::cli::kpi(&settings, Some(&from), Some(&to), None)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    for part in ["from", "to", "tiles", "orders", "sla", "cancellations"] {
+        assert_eq!(api[part], cli[part], "{part}");
+    }
+    assert_eq!(api["orders"][0]["orders"], 5);
+
+    // A public address: refused without a token, bearer or basic with one.
+    let refused = serve(
+        db.pool.clone(),
+        DashboardAccess::for_listen("0.0.0.0:8080".parse().unwrap(), None),
+    )
+    .await;
+    assert_eq!(
+        reqwest::get(format!("{refused}/api/kpi"))
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let token = DashboardAccess::for_listen(
+        "0.0.0.0:8080".parse().unwrap(),
+        Some(SecretString::from("s3cret-token")),
+    );
+    let guarded = serve(db.pool.clone(), token).await;
+    let client = reqwest::Client::new();
+    let status =
+        |r: reqwest::RequestBuilder| async move { r.send().await.unwrap().status().as_u16() };
+    assert_eq!(status(client.get(format!("{guarded}/api/kpi"))).await, 401);
+    assert_eq!(
+        status(
+            client
+                .get(format!("{guarded}/api/kpi"))
+                .bearer_auth("wrong")
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        status(
+            client
+                .get(format!("{guarded}/api/kpi"))
+                .bearer_auth("s3cret-token")
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        status(
+            client
+                .get(format!("{guarded}/api/kpi"))
+                .basic_auth("ops", Some("s3cret-token"))
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        status(
+            client
+                .get(format!("{guarded}/api/kpi?from=soon"))
+                .bearer_auth("s3cret-token")
+        )
+        .await,
+        400
+    );
+    db.drop_now().await.unwrap();
+}
