@@ -50,14 +50,6 @@ async fn world() -> World {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// How one daemon of the test is configured.
 struct Daemon {
     port: u16,
@@ -124,15 +116,7 @@ merchant_uid = "{uid}"
 
     /// Starts a daemon; returns its stop token and task.
     fn start(&self, d: &Daemon) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        let settings = self.settings(d);
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(async move {
-            if let Err(error) = orderbridge::daemon::run_until(settings, true, token).await {
-                panic!("the daemon failed: {error}");
-            }
-        });
-        (stop, task)
+        start_daemon(self.settings(d))
     }
 
     /// The id of the Kaspi pipeline's stage called `name`, read from amoCRM

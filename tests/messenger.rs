@@ -10,7 +10,6 @@ use common::*;
 use orderbridge::config::Settings;
 use orderbridge::sim::amocrm::{AmoSim, AmoSimConfig};
 use orderbridge::sim::avito::{AvitoSim, AvitoSimConfig};
-use tokio_util::sync::CancellationToken;
 
 const AMO_TOKEN: &str = "long-lived-messenger-token";
 
@@ -79,15 +78,7 @@ async fn a_buyers_first_message_becomes_one_lead_and_later_ones_notes_on_it() {
     .await
     .unwrap();
     seed_crm_from_map(&amo, std::path::Path::new("config/maps/avito.toml"), None);
-    let stop = CancellationToken::new();
-    let daemon = {
-        let (settings, stop) = (settings(&db.name, &amo, &avito), stop.clone());
-        tokio::spawn(async move {
-            if let Err(error) = orderbridge::daemon::run_until(settings, true, stop).await {
-                panic!("the daemon failed: {error}");
-            }
-        })
-    };
+    let (stop, daemon) = start_daemon(settings(&db.name, &amo, &avito));
     avito
         .buyer_writes(
             "u2i-chat-1",
@@ -200,16 +191,12 @@ async fn an_avito_order_becomes_a_lead_with_the_shipped_maps_sharing_one_crm_acc
             std::path::Path::new("config/maps/avito.toml"),
         ],
     );
-    let stop = CancellationToken::new();
-    let daemon = {
-        let settings = settings_with(&db.name, &amo, &avito, Some(&kaspi.base_url()));
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            if let Err(error) = orderbridge::daemon::run_until(settings, true, stop).await {
-                panic!("the daemon failed: {error}");
-            }
-        })
-    };
+    let (stop, daemon) = start_daemon(settings_with(
+        &db.name,
+        &amo,
+        &avito,
+        Some(&kaspi.base_url()),
+    ));
     let mut spec = SimAvitoOrderSpec::new(
         "70000000001",
         chrono::Utc::now() - chrono::Duration::minutes(5),

@@ -41,17 +41,11 @@ async fn world_reconciling_every(interval: &str) -> World {
     .await
     .unwrap();
     seed_crm_from_map(&amo, std::path::Path::new("config/maps/kaspi.toml"), None);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = admin_url();
-    let (server, _) = base.rsplit_once('/').unwrap();
+    let port = free_port();
     let text = format!(
         r#"
 [database]
-url = "{server}/{db}"
+url = "{db}"
 max_connections = 8
 [http]
 listen = "127.0.0.1:{port}"
@@ -76,15 +70,12 @@ poll_interval = "1s"
 token = "kaspi-test-token"
 merchant_uid = "30001"
 "#,
-        db = db.name,
+        db = database_url(&db),
         amo = amo.base_url(),
         kaspi = kaspi.base_url(),
     );
     let dir = std::env::temp_dir().join(format!("orderbridge-{}", db.name));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("reconcile.toml");
-    std::fs::write(&path, text).unwrap();
-    let settings = Settings::load_from(Some(&path), Vec::<(String, String)>::new()).unwrap();
+    let settings = settings_from(&dir, "reconcile.toml", &text);
     World {
         db,
         kaspi,
@@ -95,15 +86,7 @@ merchant_uid = "30001"
 
 impl World {
     fn start_daemon(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        let settings = self.settings.clone();
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(async move {
-            if let Err(error) = orderbridge::daemon::run_until(settings, true, token).await {
-                panic!("the daemon failed: {error}");
-            }
-        });
-        (stop, task)
+        start_daemon(self.settings.clone())
     }
 
     async fn reconcile(&self, dry_run: bool) -> orderbridge::sync::reconcile::Summary {

@@ -49,17 +49,11 @@ async fn world_with(extra: &str) -> World {
     );
     let map = dir.join("kaspi.toml");
     std::fs::write(&map, shipped.replace(marker, &marker.replace("15m", "4s"))).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = admin_url();
-    let (server, _) = base.rsplit_once('/').unwrap();
+    let port = free_port();
     let text = format!(
         r#"
 [database]
-url = "{server}/{db}"
+url = "{db}"
 max_connections = 8
 [http]
 listen = "127.0.0.1:{port}"
@@ -88,14 +82,12 @@ base_url = "{kaspi}"
 poll_interval = "1s"
 token = "kaspi-test-token"
 "#,
-        db = db.name,
+        db = database_url(&db),
         amo = amo.base_url(),
         kaspi = kaspi.base_url(),
         map = map.display(),
     );
-    let path = dir.join("sla.toml");
-    std::fs::write(&path, text).unwrap();
-    let settings = Settings::load_from(Some(&path), Vec::<(String, String)>::new()).unwrap();
+    let settings = settings_from(&dir, "sla.toml", &text);
     World {
         db,
         kaspi,
@@ -106,15 +98,7 @@ token = "kaspi-test-token"
 
 impl World {
     fn start_daemon(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        let settings = self.settings.clone();
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(async move {
-            if let Err(error) = orderbridge::daemon::run_until(settings, true, token).await {
-                panic!("the daemon failed: {error}");
-            }
-        });
-        (stop, task)
+        start_daemon(self.settings.clone())
     }
 
     async fn lead_of(&self, code: &str) -> u64 {

@@ -123,8 +123,10 @@ pub async fn last_complete_start(
     Ok(at)
 }
 
-/// A run of the account requested within `within` that has not finished, or
-/// finished that recently: the periodic trigger then waits.
+/// A periodic run of the account requested within `within` that has not
+/// finished, or one that finished that recently: the periodic trigger then
+/// waits. (A run that never finished, e.g. dead-lettered, stops blocking
+/// once it is older than `within`.)
 pub async fn recent_run(
     pool: &PgPool,
     crm_account: &str,
@@ -133,7 +135,8 @@ pub async fn recent_run(
     let found = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM reconcile_runs
                         WHERE crm_account = $1 AND origin = 'periodic'
-                          AND (finished_at IS NULL OR finished_at > now() - $2))",
+                          AND ((finished_at IS NULL AND requested_at > now() - $2)
+                               OR finished_at > now() - $2))",
     )
     .bind(crm_account)
     .bind(within)

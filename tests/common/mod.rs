@@ -21,6 +21,49 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
 }
 
+/// Runs the daemon as deployed (`run_until`, migrating first) until the
+/// returned token is cancelled; a daemon failure panics its task.
+pub fn start_daemon(
+    settings: orderbridge::config::Settings,
+) -> (CancellationToken, JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        if let Err(error) = orderbridge::daemon::run_until(settings, true, token).await {
+            panic!("the daemon failed: {error}");
+        }
+    });
+    (stop, task)
+}
+
+/// A loopback port free now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// The URL of a scratch database (on the test server).
+pub fn database_url(db: &ScratchDatabase) -> String {
+    let base = admin_url();
+    let (server, _) = base.rsplit_once('/').unwrap_or((base.as_str(), ""));
+    format!("{server}/{}", db.name)
+}
+
+/// Settings from a TOML text (written to `dir/name`), layered on the defaults.
+pub fn settings_from(
+    dir: &std::path::Path,
+    name: &str,
+    text: &str,
+) -> orderbridge::config::Settings {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    orderbridge::config::Settings::load_from(Some(&path), Vec::<(String, String)>::new())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// A fresh, migrated database for one test.
 pub async fn fresh_db() -> ScratchDatabase {
     match ScratchDatabase::create(&admin_url(), "ob_test", 24).await {
