@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use orderbridge::cli::ReconcileArgs;
 use orderbridge::config::Settings;
-use orderbridge::sim::amocrm::{AmoSim, AmoSimConfig};
-use orderbridge::sim::kaspi::{KaspiSim, KaspiSimConfig, SimOrderSpec};
+use orderbridge::sim::amocrm::AmoSim;
+use orderbridge::sim::kaspi::{KaspiSim, SimOrderSpec};
 use tokio_util::sync::CancellationToken;
 
 const AMO_TOKEN: &str = "long-lived-reconcile-token";
@@ -32,15 +32,7 @@ async fn world() -> World {
 }
 
 async fn world_reconciling_every(interval: &str) -> World {
-    let db = fresh_db().await;
-    let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
-    let amo = AmoSim::start(AmoSimConfig {
-        long_lived_token: Some(AMO_TOKEN.into()),
-        ..AmoSimConfig::default()
-    })
-    .await
-    .unwrap();
-    seed_crm_from_map(&amo, std::path::Path::new("config/maps/kaspi.toml"), None);
+    let (db, kaspi, amo) = kaspi_and_amocrm(AMO_TOKEN).await;
     let port = free_port();
     let text = format!(
         r#"

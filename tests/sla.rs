@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use orderbridge::config::Settings;
-use orderbridge::sim::amocrm::{AmoSim, AmoSimConfig, SimTask};
-use orderbridge::sim::kaspi::{KaspiSim, KaspiSimConfig, SimOrderSpec};
+use orderbridge::sim::amocrm::{AmoSim, SimTask};
+use orderbridge::sim::kaspi::{KaspiSim, SimOrderSpec};
 use tokio_util::sync::CancellationToken;
 
 const AMO_TOKEN: &str = "long-lived-sla-token";
@@ -28,15 +28,7 @@ async fn world() -> World {
 
 /// A world whose config carries `extra` (TOML sections) too.
 async fn world_with(extra: &str) -> World {
-    let db = fresh_db().await;
-    let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
-    let amo = AmoSim::start(AmoSimConfig {
-        long_lived_token: Some(AMO_TOKEN.into()),
-        ..AmoSimConfig::default()
-    })
-    .await
-    .unwrap();
-    seed_crm_from_map(&amo, std::path::Path::new("config/maps/kaspi.toml"), None);
+    let (db, kaspi, amo) = kaspi_and_amocrm(AMO_TOKEN).await;
     let dir = std::env::temp_dir().join(format!("orderbridge-{}", db.name));
     std::fs::create_dir_all(&dir).unwrap();
     // The shipped map, with a 4 s SLA for new orders.

@@ -64,6 +64,30 @@ pub fn settings_from(
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// A fresh database, a Kaspi simulator, and an amoCRM simulator taking the
+/// long-lived `token`, seeded from the shipped Kaspi map (pipeline, stages,
+/// users, fields): what a daemon test of one Kaspi shop starts from.
+pub async fn kaspi_and_amocrm(
+    token: &str,
+) -> (
+    ScratchDatabase,
+    orderbridge::sim::kaspi::KaspiSim,
+    orderbridge::sim::amocrm::AmoSim,
+) {
+    let db = fresh_db().await;
+    let kaspi = orderbridge::sim::kaspi::KaspiSim::start(Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("the Kaspi simulator: {e}"));
+    let amo = orderbridge::sim::amocrm::AmoSim::start(orderbridge::sim::amocrm::AmoSimConfig {
+        long_lived_token: Some(token.into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the amoCRM simulator: {e}"));
+    seed_crm_from_map(&amo, std::path::Path::new("config/maps/kaspi.toml"), None);
+    (db, kaspi, amo)
+}
+
 /// A fresh, migrated database for one test.
 pub async fn fresh_db() -> ScratchDatabase {
     match ScratchDatabase::create(&admin_url(), "ob_test", 24).await {
