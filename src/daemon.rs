@@ -332,6 +332,25 @@ pub fn start_crm_tasks(
             }
         },
     )));
+    let (p, s) = (pool.clone(), shutdown.clone());
+    tasks.push(tokio::spawn(supervise(
+        "kpi_metrics".into(),
+        shutdown.clone(),
+        move || {
+            let (pool, shutdown) = (p.clone(), s.clone());
+            async move {
+                // The last 24 h as gauges, every minute.
+                every(std::time::Duration::from_secs(60), shutdown, || async {
+                    let now = chrono::Utc::now();
+                    match crate::sla::kpi::compute(&pool, now - chrono::Duration::hours(24), now, None, now).await {
+                        Ok(kpis) => crate::sla::kpi::publish(&kpis),
+                        Err(error) => tracing::warn!(%error, "Computing the KPI metrics failed; the next minute tries again."),
+                    }
+                })
+                .await
+            }
+        },
+    )));
     let (p, s, interval) = (pool.clone(), shutdown.clone(), settings.sla.check_interval);
     tasks.push(tokio::spawn(supervise(
         "sla_timers".into(),

@@ -301,6 +301,18 @@ async fn the_figures_equal_the_hand_computed_ones() {
     assert_eq!(s2_only.orders[0].orders, 1);
     assert_eq!(s2_only.health.unassigned_now, 1);
     println!("{}", orderbridge::sla::kpi::render(&kpis));
+    // The same figures as Prometheus gauges with low-cardinality labels.
+    let handle = orderbridge::telemetry::metrics().unwrap();
+    orderbridge::sla::kpi::publish(&kpis);
+    let text = handle.render();
+    for line in [
+        r#"orderbridge_kpi_confirmation_p50_seconds{marketplace="all",shop="all"} 1200"#,
+        r#"orderbridge_kpi_cancellation_ratio{marketplace="kaspi",shop="s1"} 0.5"#,
+        r#"orderbridge_kpi_sla_compliance_ratio{stage="Новая заявка"} 0.5"#,
+        "orderbridge_kpi_unassigned_orders 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
     db.drop_now().await.unwrap();
 }
 
@@ -422,4 +434,41 @@ async fn the_json_api_gives_the_commands_figures_and_a_public_address_needs_a_to
         400
     );
     db.drop_now().await.unwrap();
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_the_daemon_exports() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("deploy/grafana/orderbridge.json").unwrap())
+            .unwrap();
+    let mut sources = String::new();
+    let mut dirs = vec![std::path::PathBuf::from("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                sources.push_str(&std::fs::read_to_string(path).unwrap());
+            }
+        }
+    }
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("orderbridge_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    sources.contains(&format!("\"{name}\"")),
+                    "{name} is not exported"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 12, "{checked}");
 }

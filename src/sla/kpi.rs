@@ -117,6 +117,43 @@ pub fn parse_moment(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Str
     ))
 }
 
+/// Publishes the KPIs of the last 24 h as gauges (labels: marketplace and
+/// shop, or stage; `all` for the totals), for Prometheus and Grafana.
+pub fn publish(kpis: &Kpis) {
+    let label = |v: &Option<String>| v.clone().unwrap_or_else(|| "all".into());
+    for o in &kpis.orders {
+        let (m, s) = (label(&o.marketplace), label(&o.shop));
+        let gauge = |name: &'static str, value: Option<f64>| {
+            if let Some(value) = value {
+                metrics::gauge!(name, "marketplace" => m.clone(), "shop" => s.clone()).set(value);
+            }
+        };
+        gauge("orderbridge_kpi_orders", Some(o.orders as f64));
+        gauge(
+            "orderbridge_kpi_confirmation_p50_seconds",
+            o.confirmation_p50_s,
+        );
+        gauge(
+            "orderbridge_kpi_confirmation_p90_seconds",
+            o.confirmation_p90_s,
+        );
+        gauge("orderbridge_kpi_full_cycle_p50_seconds", o.full_cycle_p50_s);
+        gauge("orderbridge_kpi_full_cycle_p90_seconds", o.full_cycle_p90_s);
+        gauge("orderbridge_kpi_lead_lag_p90_seconds", o.lead_lag_p90_s);
+        gauge(
+            "orderbridge_kpi_cancellation_ratio",
+            (o.orders > 0).then(|| o.cancelled as f64 / o.orders as f64),
+        );
+    }
+    for s in &kpis.sla {
+        if let Some(percent) = compliance_percent(s) {
+            metrics::gauge!("orderbridge_kpi_sla_compliance_ratio", "stage" => label(&s.stage))
+                .set(percent / 100.0);
+        }
+    }
+    metrics::gauge!("orderbridge_kpi_unassigned_orders").set(kpis.health.unassigned_now as f64);
+}
+
 /// Share of judged entries left within their SLA, in percent.
 pub fn compliance_percent(c: &StageCompliance) -> Option<f64> {
     let judged = c.within + c.breached;
