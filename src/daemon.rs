@@ -100,12 +100,24 @@ pub async fn run_until(
         webhook_body_limit: settings.http.webhook_body_limit_bytes,
         maps: Some(maps.clone()),
         inbox_wake: inbox_wake.clone(),
-        dashboard: crate::http::DashboardAccess::for_listen(
-            settings.http.listen,
-            settings.http.access_token.clone(),
-        ),
+        dashboard: crate::http::Dashboard {
+            access: crate::http::DashboardAccess::for_listen(
+                settings.http.listen,
+                settings.http.access_token.clone(),
+            ),
+            crm_urls: Arc::new(
+                settings
+                    .crm_accounts
+                    .iter()
+                    .map(|(name, crm)| (name.clone(), crm.base_url.clone()))
+                    .collect(),
+            ),
+        },
     };
-    if matches!(state.dashboard, crate::http::DashboardAccess::Refused) {
+    if matches!(
+        state.dashboard.access,
+        crate::http::DashboardAccess::Refused
+    ) {
         tracing::warn!(listen = %settings.http.listen,
             "http.listen is not a loopback address and no http.access_token is set: /api/kpi (and the dashboard) refuse every request.");
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use common::*;
-use orderbridge::http::{AppState, DashboardAccess};
+use orderbridge::http::{AppState, Dashboard, DashboardAccess};
 use secrecy::SecretString;
 use sqlx::PgPool;
 
@@ -327,7 +327,12 @@ async fn serve(pool: PgPool, dashboard: DashboardAccess) -> String {
         webhook_body_limit: 1 << 20,
         maps: None,
         inbox_wake: Arc::default(),
-        dashboard,
+        dashboard: Dashboard {
+            access: dashboard,
+            crm_urls: Arc::new(
+                [("main".to_string(), "https://example.amocrm.ru".to_string())].into(),
+            ),
+        },
     };
     tokio::spawn(orderbridge::http::serve(
         listener,
@@ -471,4 +476,158 @@ fn the_grafana_dashboard_queries_only_metrics_the_daemon_exports() {
         }
     }
     assert!(checked >= 12, "{checked}");
+}
+
+/// Debian's Chromium, headless (installed by scripts/test.sh when missing).
+fn chromium() -> Option<std::path::PathBuf> {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// Runs headless Chromium on `url` at `width` px: the DOM after load, and a
+/// screenshot at `shot`.
+fn browse(chromium: &std::path::Path, url: &str, width: u32, shot: &std::path::Path) -> String {
+    let profile =
+        std::env::temp_dir().join(format!("orderbridge-chromium-{}", uuid::Uuid::new_v4()));
+    let base = [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+    ];
+    let run = |extra: Vec<String>| {
+        let output = std::process::Command::new(chromium)
+            .args(base)
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("--window-size={width},1400"))
+            .arg("--virtual-time-budget=5000")
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    run(vec![format!("--screenshot={}", shot.display())]);
+    let dom = run(vec!["--dump-dom".into()]);
+    let _ = std::fs::remove_dir_all(&profile);
+    dom
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_kpis_in_a_real_browser_and_fits_a_phone() {
+    let db = fresh_db().await;
+    seed(&db.pool, Utc::now() - Duration::hours(20)).await;
+    let url = serve(db.pool.clone(), DashboardAccess::Loopback).await;
+    let page = reqwest::get(format!("{url}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("data-kpi=\"confirmation_p50\""), "{page}");
+    let part = reqwest::get(format!("{url}/?part=main"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !part.contains("<html") && part.contains("data-kpi"),
+        "the refresh fetches <main> only"
+    );
+    let Some(chromium) = chromium() else {
+        println!("SKIPPED the browser part: no Chromium (scripts/test.sh installs Debian's chromium when it can)");
+        db.drop_now().await.unwrap();
+        return;
+    };
+    let artifacts = std::path::Path::new("target/test-artifacts");
+    std::fs::create_dir_all(artifacts).unwrap();
+    let page_url = format!("{url}/");
+    let (c, u) = (chromium.clone(), page_url.clone());
+    let desktop = tokio::task::spawn_blocking(move || {
+        browse(
+            &c,
+            &u,
+            1280,
+            std::path::Path::new("target/test-artifacts/dashboard-desktop.png"),
+        )
+    })
+    .await
+    .unwrap();
+    // Headless Chromium's window is at least 500 px wide: a phone is a
+    // 390 px frame around the page, which reports its layout to the frame's host.
+    let frame =
+        std::env::temp_dir().join(format!("orderbridge-phone-{}.html", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &frame,
+        format!(
+            r#"<!doctype html><body style="margin:0"><iframe src="{page_url}" style="width:390px;height:1400px;border:0"></iframe>
+<pre id="layout"></pre><script>addEventListener('message', e => {{ document.getElementById('layout').textContent = JSON.stringify(e.data); }});</script></body>"#
+        ),
+    )
+    .unwrap();
+    let (c, u) = (chromium.clone(), format!("file://{}", frame.display()));
+    let phone_frame = tokio::task::spawn_blocking(move || {
+        browse(
+            &c,
+            &u,
+            500,
+            std::path::Path::new("target/test-artifacts/dashboard-phone.png"),
+        )
+    })
+    .await
+    .unwrap();
+    let _ = std::fs::remove_file(&frame);
+    let start = phone_frame
+        .find("<pre id=\"layout\">")
+        .expect("the frame host's report")
+        + "<pre id=\"layout\">".len();
+    let report = phone_frame[start..]
+        .split("</pre>")
+        .next()
+        .unwrap()
+        .replace("&quot;", "\"");
+    let layout: serde_json::Value = serde_json::from_str(&report)
+        .unwrap_or_else(|e| panic!("the framed page reported no layout ({e}): {report:?}"));
+    let (scroll, viewport) = (
+        layout["orderbridgeLayout"]["scrollWidth"].as_u64().unwrap(),
+        layout["orderbridgeLayout"]["viewportWidth"]
+            .as_u64()
+            .unwrap(),
+    );
+    println!("phone: viewport {viewport} px, content {scroll} px");
+    assert_eq!(viewport, 390);
+    assert!(
+        scroll <= viewport,
+        "the phone layout scrolls sideways: {scroll} > {viewport}"
+    );
+    for dom in [&desktop] {
+        // The visible figures of the seeded day: confirmation 20 min, one SLA of three kept, 40 % cancelled.
+        for value in [
+            "20.0 min",
+            "33.3 %",
+            "40.0 %",
+            "В работе / Сборка",
+            "overdue by",
+        ] {
+            assert!(dom.contains(value), "no {value} in the rendered page");
+        }
+    }
+    for shot in ["dashboard-desktop.png", "dashboard-phone.png"] {
+        let size = std::fs::metadata(artifacts.join(shot)).unwrap().len();
+        assert!(size > 5_000, "{shot}: {size} bytes");
+    }
+    db.drop_now().await.unwrap();
 }

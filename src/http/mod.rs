@@ -3,6 +3,7 @@
 //! CRM, and no supervised part keeps failing), `/metrics` (Prometheus), and the
 //! webhook intake under `/hooks/…` ([`hooks`]). The dashboard joins here later.
 
+mod dashboard;
 pub mod hooks;
 
 use std::net::SocketAddr;
@@ -33,8 +34,16 @@ pub struct AppState {
     /// Woken when an amoCRM webhook stored changes, so the inbox processor acts
     /// at once instead of at its next tick.
     pub inbox_wake: std::sync::Arc<tokio::sync::Notify>,
-    /// Who may see the dashboard and `/api/kpi`.
-    pub dashboard: DashboardAccess,
+    /// Who may see the dashboard and `/api/kpi`, and where leads link to.
+    pub dashboard: Dashboard,
+}
+
+/// The dashboard's settings.
+#[derive(Clone, Default)]
+pub struct Dashboard {
+    pub access: DashboardAccess,
+    /// CRM account → its amoCRM address (the base of lead links).
+    pub crm_urls: std::sync::Arc<std::collections::BTreeMap<String, String>>,
 }
 
 /// Who may see the dashboard and the KPI API.
@@ -59,7 +68,7 @@ impl DashboardAccess {
     }
 
     /// `None` when the request may pass; else the answer.
-    fn check(&self, headers: &axum::http::HeaderMap) -> Option<Response> {
+    pub(crate) fn check(&self, headers: &axum::http::HeaderMap) -> Option<Response> {
         use secrecy::ExposeSecret;
         match self {
             DashboardAccess::Loopback => None,
@@ -110,6 +119,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/", get(dashboard::page))
         .route("/api/kpi", get(api_kpi))
         .route(
             "/hooks/amocrm/{secret}",
@@ -165,7 +175,7 @@ async fn api_kpi(
     headers: axum::http::HeaderMap,
     axum::extract::Query(query): axum::extract::Query<KpiQuery>,
 ) -> Response {
-    if let Some(denied) = state.dashboard.check(&headers) {
+    if let Some(denied) = state.dashboard.access.check(&headers) {
         return denied;
     }
     let now = chrono::Utc::now();

@@ -216,3 +216,70 @@ pub async fn shop_polls(pool: &PgPool, shop: Option<&str>) -> Result<Vec<ShopPol
     .await?;
     Ok(rows)
 }
+
+/// Orders first seen and SLA breaches, per hour of the last 24 h (oldest
+/// first, 24 rows, zeros included).
+pub async fn hourly(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+) -> Result<Vec<(DateTime<Utc>, i64, i64)>, StoreError> {
+    let rows = sqlx::query_as(
+        "WITH hours AS (
+             SELECT generate_series(date_trunc('hour', $1::timestamptz) - interval '23 hours',
+                                    date_trunc('hour', $1::timestamptz), interval '1 hour') AS hour
+         )
+         SELECT h.hour,
+                (SELECT count(*) FROM orders o
+                  WHERE o.first_seen_at >= h.hour AND o.first_seen_at < h.hour + interval '1 hour'),
+                (SELECT count(*) FROM stage_entries e
+                  WHERE e.breached_at >= h.hour AND e.breached_at < h.hour + interval '1 hour')
+         FROM hours h ORDER BY h.hour",
+    )
+    .bind(now)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// An order at risk: its current stage's deadline, nearest first.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize)]
+pub struct AtRisk {
+    pub code: String,
+    pub marketplace: String,
+    pub shop: String,
+    pub stage: String,
+    pub crm_account: String,
+    pub lead_id: i64,
+    pub responsible_user_id: Option<i64>,
+    pub deadline: DateTime<Utc>,
+}
+
+pub async fn at_risk(pool: &PgPool, limit: i64) -> Result<Vec<AtRisk>, StoreError> {
+    let rows = sqlx::query_as(
+        "SELECT o.code, o.marketplace, o.account AS shop, e.stage, e.crm_account, e.lead_id,
+                e.responsible_user_id, e.deadline
+         FROM stage_entries e JOIN orders o ON o.id = e.order_id
+         WHERE e.left_at IS NULL AND e.deadline IS NOT NULL
+         ORDER BY e.deadline LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// The newest failed attempts: (when, kind, outcome, error).
+pub async fn recent_errors(
+    pool: &PgPool,
+    limit: i64,
+) -> Result<Vec<(DateTime<Utc>, String, String, Option<String>)>, StoreError> {
+    let rows = sqlx::query_as(
+        "SELECT finished_at, kind, outcome, error FROM outbox_attempts
+         WHERE outcome IN ('retry', 'dead', 'lease_expired')
+         ORDER BY finished_at DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
