@@ -507,7 +507,7 @@ fn browse(chromium: &std::path::Path, url: &str, width: u32, shot: &std::path::P
             .args(base)
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(format!("--window-size={width},1400"))
-            .arg("--virtual-time-budget=5000")
+            .arg("--virtual-time-budget=10000")
             .args(extra)
             .arg(url)
             .output()
@@ -574,21 +574,29 @@ async fn the_dashboard_shows_the_kpis_in_a_real_browser_and_fits_a_phone() {
         &frame,
         format!(
             r#"<!doctype html><body style="margin:0"><iframe src="{page_url}" style="width:390px;height:1400px;border:0"></iframe>
-<pre id="layout"></pre><script>addEventListener('message', e => {{ document.getElementById('layout').textContent = JSON.stringify(e.data); }});</script></body>"#
+<pre id="layout"></pre><script>addEventListener('message', e => {{ if (e.data.orderbridgeLayout && e.data.orderbridgeLayout.viewportWidth > 0) document.getElementById('layout').textContent = JSON.stringify(e.data); }});</script></body>"#
         ),
     )
     .unwrap();
-    let (c, u) = (chromium.clone(), format!("file://{}", frame.display()));
-    let phone_frame = tokio::task::spawn_blocking(move || {
-        browse(
-            &c,
-            &u,
-            500,
-            std::path::Path::new("target/test-artifacts/dashboard-phone.png"),
-        )
-    })
-    .await
-    .unwrap();
+    // The frame loads in real time; a dump taken before its load has no
+    // report yet: try again (a few times at most).
+    let mut phone_frame = String::new();
+    for _ in 0..5 {
+        let (c, u) = (chromium.clone(), format!("file://{}", frame.display()));
+        phone_frame = tokio::task::spawn_blocking(move || {
+            browse(
+                &c,
+                &u,
+                500,
+                std::path::Path::new("target/test-artifacts/dashboard-phone.png"),
+            )
+        })
+        .await
+        .unwrap();
+        if phone_frame.contains("orderbridgeLayout") {
+            break;
+        }
+    }
     let _ = std::fs::remove_file(&frame);
     let start = phone_frame
         .find("<pre id=\"layout\">")

@@ -95,11 +95,14 @@ svg{width:100%;height:auto;display:block}.muted{color:#7a8190;font-size:12px}
 const REFRESH: &str = r#"
 // The layout's width, for checks from outside (a phone must not scroll
 // sideways), also told to an embedding page (a phone-width frame).
-document.body.dataset.scrollWidth = document.documentElement.scrollWidth;
-document.body.dataset.viewportWidth = window.innerWidth;
-if (window.parent !== window) {
-  window.parent.postMessage({orderbridgeLayout: {scrollWidth: document.documentElement.scrollWidth, viewportWidth: window.innerWidth}}, '*');
+function reportLayout() {
+  const layout = {scrollWidth: document.documentElement.scrollWidth, viewportWidth: window.innerWidth};
+  document.body.dataset.scrollWidth = layout.scrollWidth;
+  document.body.dataset.viewportWidth = layout.viewportWidth;
+  if (window.parent !== window) { window.parent.postMessage({orderbridgeLayout: layout}, '*'); }
 }
+window.addEventListener('load', reportLayout);
+window.addEventListener('resize', reportLayout);
 setInterval(async () => {
   try {
     const r = await fetch('/?part=main', {credentials: 'same-origin'});
