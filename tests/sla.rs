@@ -423,3 +423,28 @@ async fn a_kaspi_outage_sends_one_alert_and_one_resolved_and_a_refusing_relay_de
     let World { db, .. } = w;
     db.drop_now().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_order_gets_no_sla_timers_whatever_the_map_says() {
+    let w = world().await;
+    let (stop, task) = w.start_daemon();
+    let now = chrono::Utc::now().timestamp_millis();
+    // Cancelled at Kaspi before the bridge saw it: the map gives its stage an
+    // SLA, but the lead never leaves a final stage.
+    w.kaspi.create_order(SimOrderSpec {
+        status: "CANCELLED".into(),
+        state: "ARCHIVE".into(),
+        ..SimOrderSpec::new("76000004", now - 1_000)
+    });
+    w.lead_of("76000004").await;
+    let timers: Vec<(String, Option<chrono::DateTime<chrono::Utc>>)> =
+        sqlx::query_as("SELECT stage, deadline FROM stage_entries")
+            .fetch_all(&w.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(timers, vec![("Закрыто и не реализовано".to_string(), None)]);
+    stop.cancel();
+    task.await.unwrap();
+    let World { db, .. } = w;
+    db.drop_now().await.unwrap();
+}

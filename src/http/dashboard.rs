@@ -89,7 +89,7 @@ h2{font-size:15px;margin:0 0 8px}
 .tile{border-radius:8px;padding:10px;color:#fff}.tile b{display:block;font-size:24px}
 .green{background:#2e8b57}.amber{background:#d98c00}.red{background:#c0392b}.none{background:#7a8190}
 table{border-collapse:collapse;width:100%;font-size:13px}td,th{padding:4px 6px;border-bottom:1px solid #e3e5e9;text-align:left;overflow-wrap:anywhere}th{overflow-wrap:normal}
-svg{width:100%;height:auto;display:block}.muted{color:#7a8190;font-size:12px}
+svg{width:100%;max-width:760px;height:auto;display:block}.muted{color:#7a8190;font-size:12px}
 "#;
 
 const REFRESH: &str = r#"

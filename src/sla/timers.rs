@@ -183,8 +183,8 @@ impl Handler for SlaTaskHandler {
         match error {
             SlaError::Amo(e) => e.classify(),
             SlaError::Store(e) => RetryAction::retry(e.to_string()),
-            SlaError::NoClient(_) => RetryAction::retry(error.to_string()),
-            SlaError::BadPayload(_) | SlaError::Refused(_) => {
+            // A CRM account this configuration does not have: retrying cannot help.
+            SlaError::BadPayload(_) | SlaError::Refused(_) | SlaError::NoClient(_) => {
                 RetryAction::permanent(error.to_string())
             }
         }

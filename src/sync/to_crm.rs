@@ -961,6 +961,8 @@ impl CrmSyncHandler {
         source: &'static str,
     ) -> Result<(), ToCrmError> {
         let (name, sla) = match map.route(order.status.as_str()) {
+            // A final order never leaves its stage: no timers there.
+            Some(Route::Stage { stage, .. }) if order.is_terminal => (stage.clone(), None),
             Some(Route::Stage { stage, sla, .. }) => (stage.clone(), *sla),
             _ => ("?".to_string(), None),
         };
