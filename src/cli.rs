@@ -402,31 +402,13 @@ pub fn parse_since(
     text: &str,
     now: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
-    use chrono::TimeZone;
-    let text = text.trim();
-    let accepted = "give a date (2026-12-01), a moment (2026-12-01T18:00:00+05:00) or a duration back from now (36h, 3d)";
-    let at = if let Ok(back) = humantime::parse_duration(text) {
-        now - chrono::Duration::from_std(back)
-            .map_err(|_| anyhow::anyhow!("--since {text}: too far back; {accepted}"))?
-    } else if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        let almaty = chrono::FixedOffset::east_opt(5 * 3600)
-            .ok_or_else(|| anyhow::anyhow!("the Almaty offset"))?;
-        let start = date
-            .and_hms_opt(0, 0, 0)
-            .ok_or_else(|| anyhow::anyhow!("--since {text}: not a day; {accepted}"))?;
-        almaty
-            .from_local_datetime(&start)
-            .single()
-            .ok_or_else(|| anyhow::anyhow!("--since {text}: not a day; {accepted}"))?
-            .with_timezone(&chrono::Utc)
-    } else if let Ok(moment) = chrono::DateTime::parse_from_rfc3339(text) {
-        moment.with_timezone(&chrono::Utc)
-    } else {
-        anyhow::bail!("--since {text}: not understood; {accepted}");
-    };
+    let at =
+        crate::sla::kpi::parse_moment(text, now).map_err(|why| anyhow::anyhow!("--since {why}"))?;
     anyhow::ensure!(
         at <= now,
-        "--since {text}: that is in the future; {accepted}"
+        "--since `{}`: that is in the future; {}",
+        text.trim(),
+        crate::sla::kpi::MOMENTS_ACCEPTED
     );
     Ok(at)
 }
@@ -493,24 +475,27 @@ pub async fn reconcile(
     let mut direct: Option<crate::sync::reconcile::Sources> = None;
     for scope in scopes {
         let target = format!("amocrm:{}", scope.crm_account);
-        let mut conn = pool.acquire().await?;
-        if runs::target_served(&pool, &target).await? {
-            let mut tx = pool.begin().await?;
-            let run_id = runs::create_run(
-                &mut tx,
-                &scope.crm_account,
-                scope.shop.as_deref(),
-                scope.since,
-                scope.dry_run,
-                "command",
-            )
-            .await?;
+        let served = runs::target_served(&pool, &target).await?;
+        // The run, and (when a daemon serves the account) its job, in one transaction.
+        let mut tx = pool.begin().await?;
+        let run_id = runs::create_run(
+            &mut tx,
+            &scope.crm_account,
+            scope.shop.as_deref(),
+            scope.since,
+            scope.dry_run,
+            "command",
+        )
+        .await?;
+        if served {
             crate::store::outbox::enqueue(
                 &mut tx,
                 &crate::sync::reconcile::job(&scope.crm_account, run_id),
             )
             .await?;
-            tx.commit().await?;
+        }
+        tx.commit().await?;
+        if served {
             eprintln!(
                 "reconcile: the daemon serves `{}`; run {run_id} goes through its outbox (sharing its amoCRM budget)",
                 scope.crm_account
@@ -548,15 +533,6 @@ pub async fn reconcile(
             let Some(sources) = direct.as_ref() else {
                 continue;
             };
-            let run_id = runs::create_run(
-                &mut conn,
-                &scope.crm_account,
-                scope.shop.as_deref(),
-                scope.since,
-                scope.dry_run,
-                "command",
-            )
-            .await?;
             runs::mark_started(&pool, run_id).await?;
             let progress =
                 |phase: &str, done: u64, total: Option<u64>| bars.show(phase, done, total);

@@ -100,22 +100,23 @@ pub fn parse_moment(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Str
     if let Ok(back) = humantime::parse_duration(text) {
         return chrono::Duration::from_std(back)
             .map(|d| now - d)
-            .map_err(|_| format!("`{text}`: too far back"));
+            .map_err(|_| format!("`{text}`: too far back; {MOMENTS_ACCEPTED}"));
     }
     if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
         let start = date
             .and_hms_opt(0, 0, 0)
-            .ok_or_else(|| format!("`{text}`: not a day"))?;
+            .ok_or_else(|| format!("`{text}`: not a day; {MOMENTS_ACCEPTED}"))?;
         return chrono_tz::Asia::Almaty
             .from_local_datetime(&start)
             .earliest()
             .map(|d| d.with_timezone(&Utc))
-            .ok_or_else(|| format!("`{text}`: not a day"));
+            .ok_or_else(|| format!("`{text}`: not a day; {MOMENTS_ACCEPTED}"));
     }
-    Err(format!(
-        "`{text}`: give a moment (2026-12-04T09:00:00+05:00), a date (2026-12-04) or a duration back from now (24h, 7d)"
-    ))
+    Err(format!("`{text}`: {MOMENTS_ACCEPTED}"))
 }
+
+/// What [`parse_moment`] accepts, for error messages.
+pub const MOMENTS_ACCEPTED: &str = "give a date (2026-12-04, its start in Almaty), a moment (2026-12-04T09:00:00+05:00) or a duration back from now (36h, 7d)";
 
 /// Publishes the KPIs of the last 24 h as gauges (labels: marketplace and
 /// shop, or stage; `all` for the totals), for Prometheus and Grafana.

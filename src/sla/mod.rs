@@ -138,7 +138,7 @@ pub async fn enter_stage(
 }
 
 /// The responsible for a new entry into a stage of `role`, by the role's
-/// rule: `round_robin` (in turn across the role's entries) or `least_loaded`
+/// rule: `round_robin` (in turn, a counter per role) or `least_loaded`
 /// (fewest open stage entries, then the first listed). Only users the CRM
 /// lists as active count (the map's resolution keeps only those). `None`:
 /// nobody can be assigned.
@@ -160,7 +160,7 @@ pub async fn pick_responsible(
             .min_by_key(|u| load.get(&(**u as i64)).copied().unwrap_or(0))
             .copied());
     }
-    let turn = store::role_turns(pool, crm_account, role_name).await?;
+    let turn = store::next_turn(pool, crm_account, role_name).await?;
     Ok(users
         .get(turn.unsigned_abs() as usize % users.len())
         .copied())

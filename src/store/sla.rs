@@ -1,7 +1,7 @@
 //! SQL of stage entries and their SLA timers: entering a stage (closing the
 //! open entry), claiming due warnings and breaches (flagged in the caller's
 //! transaction, so each fires once), reading an entry, and the open entries
-//! per responsible (a role's load).
+//! per responsible (a role's load), and the round-robin turns.
 
 use std::collections::HashMap;
 
@@ -150,14 +150,16 @@ pub async fn open_load(
     Ok(rows.into_iter().collect())
 }
 
-/// How many entries a role was given (its round-robin turn).
-pub async fn role_turns(pool: &PgPool, crm_account: &str, role: &str) -> Result<i64, StoreError> {
-    let n = sqlx::query_scalar(
-        "SELECT count(*) FROM stage_entries WHERE crm_account = $1 AND role = $2",
+/// Takes the role's next round-robin turn (0 first).
+pub async fn next_turn(pool: &PgPool, crm_account: &str, role: &str) -> Result<i64, StoreError> {
+    let n: i64 = sqlx::query_scalar(
+        "INSERT INTO role_turns (crm_account, role, turn) VALUES ($1, $2, 1)
+         ON CONFLICT (crm_account, role) DO UPDATE SET turn = role_turns.turn + 1
+         RETURNING turn",
     )
     .bind(crm_account)
     .bind(role)
     .fetch_one(pool)
     .await?;
-    Ok(n)
+    Ok(n - 1)
 }

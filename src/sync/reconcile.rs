@@ -244,7 +244,7 @@ impl Sources {
 
     /// Compares one listed order with the store; ingests it when the store
     /// lacks it or is behind (unless dry).
-    async fn compare_listed(
+    fn compare_listed(
         &self,
         order: &Order,
         content_hash: &str,
@@ -314,9 +314,14 @@ impl Sources {
                     .map_err(|e| e.to_string())?;
                 for order in listed {
                     let k = known.get(&order.order.external_id);
-                    let drift = self
-                        .compare_listed(&order.order, &order.content_hash, k, scope, seen, summary)
-                        .await;
+                    let drift = self.compare_listed(
+                        &order.order,
+                        &order.content_hash,
+                        k,
+                        scope,
+                        seen,
+                        summary,
+                    );
                     if drift == Drift::None || scope.dry_run {
                         continue;
                     }
@@ -360,16 +365,14 @@ impl Sources {
             .map_err(|e| e.to_string())?;
         for (done, order) in listed.into_iter().enumerate() {
             progress(&phase, done as u64, Some(total));
-            let drift = self
-                .compare_listed(
-                    &order.order,
-                    &order.content_hash,
-                    known.get(&order.order.external_id),
-                    scope,
-                    seen,
-                    summary,
-                )
-                .await;
+            let drift = self.compare_listed(
+                &order.order,
+                &order.content_hash,
+                known.get(&order.order.external_id),
+                scope,
+                seen,
+                summary,
+            );
             if drift == Drift::None || scope.dry_run {
                 continue;
             }
