@@ -83,6 +83,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The weekly commission settlement of a partner source (its leads' last
+    /// status of the week, what counts, the commission) or of an Avito shop
+    /// (`prices.commission` of its closed orders); a summary table, the lines
+    /// as CSV with --out, and every difference from the partner's own report
+    /// with --compare. Exit code 1 when --compare finds a difference.
+    Settle {
+        /// A partner source (`partners.<name>`) or an Avito shop.
+        #[arg(long)]
+        source: String,
+        /// The ISO week, e.g. 2026-W47 (Monday 00:00 to Monday 00:00 in `sla.timezone`).
+        #[arg(long)]
+        week: String,
+        /// Write the settlement's lines here as CSV.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// The partner's own weekly report (CSV; its column names from
+        /// `partners.<source>.settlement`) to compare with.
+        #[arg(long)]
+        compare: Option<std::path::PathBuf>,
+    },
     /// One order's story across the marketplace, the bridge and amoCRM.
     Order {
         #[command(subcommand)]
@@ -270,15 +290,22 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 let limiters = crate::daemon::limiters(&settings);
                 let crm = crate::daemon::amocrm_clients(&settings, &pool, &limiters).await?;
                 let sources = crate::mapping::MapSource::from_settings(&settings);
-                let problems = match crate::mapping::MapRegistry::load(sources, &crm).await {
+                let funnels = crate::mapping::FunnelSource::from_settings(&settings);
+                let problems = match crate::mapping::MapRegistry::load_with_funnels(
+                    sources, funnels, &crm,
+                )
+                .await
+                {
                     Err(problems) => problems,
-                    Ok(registry) => registry
-                        .current()
-                        .shops
-                        .iter()
-                        .filter(|(_, map)| !map.online)
-                        .map(|(shop, map)| format!("{}: the CRM account of shop `{shop}` did not answer; only the offline checks ran", map.file))
-                        .collect(),
+                    Ok(registry) => {
+                        let set = registry.current();
+                        set.shops
+                            .iter()
+                            .filter(|(_, map)| !map.online)
+                            .map(|(shop, map)| format!("{}: the CRM account of shop `{shop}` did not answer; only the offline checks ran", map.file))
+                            .chain(set.funnels.iter().filter(|(_, map)| !map.online).map(|(source, map)| format!("{}: the CRM account of partner source `{source}` did not answer; only the offline checks ran", map.file)))
+                            .collect()
+                    }
                 };
                 if !problems.is_empty() {
                     eprintln!("orderbridge: the maps do not match the live CRM:");
@@ -289,9 +316,10 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 }
             }
             println!(
-                "configuration is valid: {} CRM account(s), {} shop(s), their maps valid{}",
+                "configuration is valid: {} CRM account(s), {} shop(s), {} partner source(s), their maps valid{}",
                 settings.crm_accounts.len(),
                 settings.shops.len(),
+                settings.partners.len(),
                 if online { " against the live CRM" } else { "" }
             );
         }
@@ -337,6 +365,24 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        Command::Settle {
+            source,
+            week,
+            out,
+            compare,
+        } => {
+            let differences = settle(
+                &settings,
+                &source,
+                &week,
+                out.as_deref(),
+                compare.as_deref(),
+            )
+            .await?;
+            if differences > 0 {
+                std::process::exit(1);
+            }
+        }
         Command::Dlq { action } => dlq(&settings, action).await?,
         Command::Circuit { action } => circuit(&settings, action).await?,
         Command::Map {
@@ -394,6 +440,115 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `orderbridge settle`: prints the summary (and the differences), writes
+/// the CSV; returns how many differences `--compare` found.
+pub async fn settle(
+    settings: &Settings,
+    source: &str,
+    week: &str,
+    out: Option<&std::path::Path>,
+    compare: Option<&std::path::Path>,
+) -> anyhow::Result<usize> {
+    let timezone: chrono_tz::Tz = settings
+        .sla
+        .timezone
+        .parse()
+        .map_err(|e| anyhow::anyhow!("sla.timezone: {e}"))?;
+    let week = crate::reports::parse_week(week, timezone)?;
+    // The partner's file is read (and refused) before anything else.
+    let theirs = match compare {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            Some(crate::reports::read_partner_csv(
+                &path.display().to_string(),
+                &text,
+                &crate::reports::PartnerColumns::from_settings(settings, source),
+            )?)
+        }
+        None => None,
+    };
+    let pool = crate::daemon::open_database(&settings.database).await?;
+    crate::store::ensure_schema_current(&pool).await?;
+    let settlement = crate::reports::settle(&pool, settings, source, &week).await?;
+    if let Some(path) = out {
+        std::fs::write(path, settlement.to_csv())
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
+    println!("{}", settlement_table(&settlement));
+    let Some(theirs) = theirs else {
+        return Ok(0);
+    };
+    let differences = crate::reports::compare(&settlement, &theirs);
+    if differences.is_empty() {
+        println!(
+            "the partner's report agrees: {} line(s), no difference",
+            theirs.len()
+        );
+    } else {
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+        table.set_header(["lead", "difference", "detail"]);
+        for d in &differences {
+            table.add_row([d.id().to_string(), d.kind().to_string(), d.detail()]);
+        }
+        println!(
+            "{} difference(s) from the partner's report:\n{table}",
+            differences.len()
+        );
+    }
+    Ok(differences.len())
+}
+
+/// The settlement's summary as a table.
+pub fn settlement_table(settlement: &crate::reports::Settlement) -> String {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header(["settlement", "value"]);
+    let mut statuses: std::collections::BTreeMap<&str, usize> = Default::default();
+    for line in &settlement.lines {
+        *statuses.entry(line.status.as_str()).or_default() += 1;
+    }
+    let rows: Vec<(String, String)> = [
+        (
+            "source".to_string(),
+            format!("{} ({})", settlement.source, settlement.kind),
+        ),
+        (
+            "week".to_string(),
+            format!(
+                "{} ({} – {} UTC)",
+                settlement.week.name,
+                settlement.week.from.format("%Y-%m-%d %H:%M"),
+                settlement.week.to.format("%Y-%m-%d %H:%M")
+            ),
+        ),
+        ("leads".to_string(), settlement.lines.len().to_string()),
+    ]
+    .into_iter()
+    .chain(
+        statuses
+            .into_iter()
+            .map(|(status, n)| (format!("  last status {status}"), n.to_string())),
+    )
+    .chain([
+        ("counted".to_string(), settlement.counted().to_string()),
+        (
+            "commission".to_string(),
+            format!("{:.2}", settlement.total()),
+        ),
+        (
+            "reports not yet taken".to_string(),
+            settlement.unsent().to_string(),
+        ),
+    ])
+    .collect();
+    for (k, v) in rows {
+        table.add_row([k, v]);
+    }
+    table.to_string()
 }
 
 /// Parses `--since`: a date (the start of that day in Almaty, UTC+5), an RFC

@@ -38,6 +38,9 @@ pub struct Settings {
     /// Marketplace accounts (shops) by name.
     #[serde(default)]
     pub shops: BTreeMap<String, Shop>,
+    /// Partner lead sources (buyout / trade-in programmes) by name.
+    #[serde(default)]
+    pub partners: BTreeMap<String, PartnerSource>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -411,6 +414,151 @@ fn default_shop_poll() -> Duration {
     Duration::from_secs(60)
 }
 
+/// A partner programme that sends leads (buyout / trade-in requests) and wants
+/// every status change of them reported back. The programme's API is private,
+/// so its format is configuration: where each datum is in the partner's JSON
+/// (`fields`, JSON pointers), how a report is sent (`report`), and how the
+/// weekly commission is computed (`commission`, `settlement`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerSource {
+    pub crm_account: String,
+    /// The funnel map (e.g. `config/maps/buyout.toml`).
+    pub map: PathBuf,
+    /// The secret path segment of `POST /hooks/partner/{source}/{secret}`.
+    pub webhook_secret: Option<SecretString>,
+    /// Polled for new leads when set: `GET {poll_url}?cursor=…`, answered
+    /// `{"leads": [...], "next_cursor": "…"}`.
+    pub poll_url: Option<String>,
+    /// Sent on polls as the value of `report.auth_header` too.
+    #[serde(with = "humantime_serde", default = "default_shop_poll")]
+    pub poll_interval: Duration,
+    #[serde(with = "humantime_serde", default = "default_partner_timeout")]
+    pub request_timeout: Duration,
+    /// Slot → JSON pointer into the partner's lead (see `PARTNER_SLOTS`).
+    pub fields: BTreeMap<String, String>,
+    /// Slots a lead must carry (else 422); `lead_id` always is.
+    #[serde(default = "default_partner_required")]
+    pub required: Vec<String>,
+    /// The partner statuses a new lead may arrive in (its `status` slot, when
+    /// mapped and sent); any other is refused with 422.
+    #[serde(default = "default_intake_statuses")]
+    pub intake_statuses: Vec<String>,
+    pub report: PartnerReport,
+    #[serde(default)]
+    pub commission: PartnerCommission,
+    #[serde(default)]
+    pub settlement: PartnerSettlement,
+}
+
+/// The slots a partner lead may carry.
+pub const PARTNER_SLOTS: &[&str] = &[
+    "lead_id",
+    "status",
+    "model",
+    "memory",
+    "colour",
+    "condition",
+    "defects",
+    "buyout_price",
+    "client_price",
+    "seller_name",
+    "seller_phone",
+    "city",
+];
+
+fn default_partner_required() -> Vec<String> {
+    ["lead_id", "model", "seller_phone", "buyout_price"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn default_intake_statuses() -> Vec<String> {
+    vec!["new".into()]
+}
+
+fn default_partner_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+
+/// How a status report reaches the partner.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerReport {
+    /// May hold `{lead_id}` and `{status}`.
+    pub url: String,
+    #[serde(default = "default_report_method")]
+    pub method: String,
+    /// The JSON body; placeholders `{lead_id}`, `{status}`, `{stage}`,
+    /// `{crm_lead_id}`, `{changed_at}` (RFC 3339), `{seq}` (1, 2, … per lead)
+    /// are replaced by JSON-escaped text.
+    pub body: String,
+    /// e.g. `Authorization`; sent with `auth_value`.
+    pub auth_header: Option<String>,
+    pub auth_value: Option<SecretString>,
+    /// The partner's limits: at most this many requests a second and a minute.
+    pub per_second: u32,
+    pub per_minute: u32,
+}
+
+impl fmt::Debug for PartnerReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PartnerReport")
+            .field("url", &self.url)
+            .field("method", &self.method)
+            .field("auth_header", &self.auth_header)
+            .field("per_second", &self.per_second)
+            .field("per_minute", &self.per_minute)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_report_method() -> String {
+    "POST".into()
+}
+
+/// What a deal earns the partner: a lead counts when its last status reported
+/// in the week is one of `counts_when`; it earns `rate` × its `of` slot
+/// (`buyout_price` or `client_price`), or `fixed`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartnerCommission {
+    pub counts_when: Vec<String>,
+    pub rate: Option<f64>,
+    pub of: String,
+    pub fixed: Option<f64>,
+}
+
+impl Default for PartnerCommission {
+    fn default() -> Self {
+        PartnerCommission {
+            counts_when: vec!["sold".into()],
+            rate: Some(0.05),
+            of: "buyout_price".into(),
+            fixed: None,
+        }
+    }
+}
+
+/// The column names of the partner's own weekly report (for `settle --compare`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartnerSettlement {
+    pub lead_id_column: String,
+    pub status_column: String,
+    pub amount_column: String,
+}
+
+impl Default for PartnerSettlement {
+    fn default() -> Self {
+        PartnerSettlement {
+            lead_id_column: "lead_id".into(),
+            status_column: "status".into(),
+            amount_column: "commission".into(),
+        }
+    }
+}
+
 /// One thing wrong with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigIssue {
@@ -723,6 +871,115 @@ impl Settings {
                         bad(format!("{base}.token"), "is a Kaspi key; an Avito account does not use `token` or `merchant_uid`".into());
                     }
                 }
+            }
+        }
+        for (name, partner) in &self.partners {
+            let base = format!("partners.{name}");
+            if !self.crm_accounts.contains_key(&partner.crm_account) {
+                bad(
+                    format!("{base}.crm_account"),
+                    format!("names no configured CRM account `{}`", partner.crm_account),
+                );
+            }
+            if self.shops.contains_key(name) {
+                bad(
+                    base.clone(),
+                    "a shop has the same name; give the partner source its own".into(),
+                );
+            }
+            if let Some(url) = &partner.poll_url {
+                check_url(&format!("{base}.poll_url"), url, &mut bad);
+            }
+            if let Some(secret) = &partner.webhook_secret {
+                if secret.expose_secret().len() < 16 {
+                    bad(
+                        format!("{base}.webhook_secret"),
+                        "must be at least 16 characters".into(),
+                    );
+                }
+            }
+            if partner.webhook_secret.is_none() && partner.poll_url.is_none() {
+                bad(
+                    base.clone(),
+                    "needs `webhook_secret` (leads pushed to POST /hooks/partner/{source}/{secret}) or `poll_url` (leads polled), or both".into(),
+                );
+            }
+            for (slot, pointer) in &partner.fields {
+                if !PARTNER_SLOTS.contains(&slot.as_str()) {
+                    bad(
+                        format!("{base}.fields.{slot}"),
+                        format!(
+                            "is not a partner slot; the slots are: {}",
+                            PARTNER_SLOTS.join(", ")
+                        ),
+                    );
+                }
+                if !(pointer.is_empty() || pointer.starts_with('/')) {
+                    bad(
+                        format!("{base}.fields.{slot}"),
+                        format!("`{pointer}` is not a JSON pointer (it starts with `/`, e.g. `/device/model`)"),
+                    );
+                }
+            }
+            if !partner.fields.contains_key("lead_id") {
+                bad(
+                    format!("{base}.fields.lead_id"),
+                    "is required: the partner's lead id makes a repeated lead one lead".into(),
+                );
+            }
+            for slot in &partner.required {
+                if !partner.fields.contains_key(slot) {
+                    bad(
+                        format!("{base}.required"),
+                        format!("names `{slot}`, which has no pointer under {base}.fields"),
+                    );
+                }
+            }
+            let r = &partner.report;
+            let url = r.url.replace("{lead_id}", "x").replace("{status}", "x");
+            check_url(&format!("{base}.report.url"), &url, &mut bad);
+            if !matches!(r.method.to_uppercase().as_str(), "POST" | "PUT" | "PATCH") {
+                bad(
+                    format!("{base}.report.method"),
+                    "must be POST, PUT or PATCH".into(),
+                );
+            }
+            if r.per_second == 0 {
+                bad(
+                    format!("{base}.report.per_second"),
+                    "must be at least 1".into(),
+                );
+            }
+            if r.per_minute == 0 {
+                bad(
+                    format!("{base}.report.per_minute"),
+                    "must be at least 1".into(),
+                );
+            }
+            if r.auth_header.is_some() != r.auth_value.is_some() {
+                bad(
+                    format!("{base}.report.auth_header"),
+                    "`auth_header` and `auth_value` go together".into(),
+                );
+            }
+            let c = &partner.commission;
+            if c.rate.is_some() == c.fixed.is_some() {
+                bad(
+                    format!("{base}.commission"),
+                    "give exactly one of `rate` (a share of `of`) or `fixed`".into(),
+                );
+            }
+            if c.rate.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+                bad(
+                    format!("{base}.commission.rate"),
+                    "must be between 0 and 1 (0.05 is 5 %)".into(),
+                );
+            }
+            if !matches!(c.of.as_str(), "buyout_price" | "client_price") {
+                bad(
+                    format!("{base}.commission.of"),
+                    "must be `buyout_price` or `client_price`".into(),
+                );
             }
         }
         issues

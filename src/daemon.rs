@@ -66,8 +66,9 @@ pub async fn run_until(
         .map_err(|e| DaemonError::Config(e.to_string()))?;
     let crm_clients = amocrm_clients(&settings, &pool, &limiters).await?;
     let maps = Arc::new(
-        crate::mapping::MapRegistry::load(
+        crate::mapping::MapRegistry::load_with_funnels(
             crate::mapping::MapSource::from_settings(&settings),
+            crate::mapping::FunnelSource::from_settings(&settings),
             &crm_clients,
         )
         .await
@@ -97,6 +98,7 @@ pub async fn run_until(
         metrics,
         amocrm_hooks: std::sync::Arc::new(hook_accounts(&settings)),
         avito_hooks: std::sync::Arc::new(avito_hook_accounts(&settings)),
+        partner_hooks: std::sync::Arc::new(partner_hook_sources(&settings)),
         webhook_body_limit: settings.http.webhook_body_limit_bytes,
         maps: Some(maps.clone()),
         inbox_wake: inbox_wake.clone(),
@@ -152,6 +154,8 @@ pub async fn run_until(
     let owner = crate::outbox::default_owner();
     let started = start_pollers(&settings, &pool, &limiters, &owner, &shutdown).await?;
     let mut pollers = started.tasks;
+    let partners = start_partners(&settings, &pool, &limiters, &owner, &shutdown).await?;
+    pollers.extend(partners.tasks);
     pollers.extend(start_crm_tasks(
         &settings,
         &pool,
@@ -203,6 +207,21 @@ pub async fn run_until(
                     .iter()
                     .map(|(name, shop)| (name.clone(), shop.crm_account.clone()))
                     .collect(),
+            },
+        )
+        .handler(
+            crate::sync::partner::PARTNER_LEAD_KIND,
+            crate::sync::partner::PartnerLeadHandler::new(
+                pool.clone(),
+                crm_clients.clone(),
+                maps.clone(),
+            ),
+        )
+        .handler(
+            crate::sync::partner::PARTNER_REPORT_KIND,
+            crate::sync::partner::PartnerReportHandler {
+                pool: pool.clone(),
+                clients: partners.clients,
             },
         )
         .handler(
@@ -276,6 +295,28 @@ pub fn limiters(settings: &Settings) -> Arc<Limiters> {
     }
     for (name, crm) in &settings.crm_accounts {
         limiters = limiters.with_per_request(format!("amocrm:{name}"), crm.rate_limit);
+    }
+    // Partner reports and polls: a permit of both the per-second and the
+    // per-minute limit per request, taken by the partner's client.
+    for (name, partner) in &settings.partners {
+        let (second, minute) = crate::connectors::partner::limiter_keys(name);
+        limiters = limiters
+            .with_per_request(
+                second,
+                crate::config::RateQuota {
+                    requests: partner.report.per_second,
+                    per: std::time::Duration::from_secs(1),
+                    burst: 1,
+                },
+            )
+            .with_per_request(
+                minute,
+                crate::config::RateQuota {
+                    requests: partner.report.per_minute,
+                    per: std::time::Duration::from_secs(60),
+                    burst: 1,
+                },
+            );
     }
     Arc::new(limiters)
 }
@@ -843,6 +884,87 @@ pub fn avito_hook_accounts(settings: &Settings) -> Vec<crate::http::hooks::Avito
             })
         })
         .collect()
+}
+
+/// The partner sources that accept leads by webhook.
+pub fn partner_hook_sources(settings: &Settings) -> Vec<crate::http::hooks::PartnerHookSource> {
+    settings
+        .partners
+        .iter()
+        .filter_map(|(name, p)| {
+            Some(crate::http::hooks::PartnerHookSource {
+                name: name.clone(),
+                secret: p.webhook_secret.clone()?,
+                config: Arc::new(p.clone()),
+            })
+        })
+        .collect()
+}
+
+/// What `start_partners` started: the pollers of sources with a `poll_url`
+/// (each under the source's outbox target lease), and a client per source.
+pub struct StartedPartners {
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub clients: BTreeMap<String, crate::connectors::partner::PartnerClient>,
+}
+
+/// A client per partner source, and a poller for each with a `poll_url`.
+pub async fn start_partners(
+    settings: &Settings,
+    pool: &sqlx::PgPool,
+    limiters: &Limiters,
+    owner: &str,
+    shutdown: &CancellationToken,
+) -> Result<StartedPartners, DaemonError> {
+    let targets: Vec<String> = settings
+        .partners
+        .keys()
+        .map(|name| crate::sync::partner::report_target(name))
+        .collect();
+    crate::store::outbox::ensure_targets(pool, &targets).await?;
+    let mut started = StartedPartners {
+        tasks: Vec::new(),
+        clients: BTreeMap::new(),
+    };
+    for (name, partner) in &settings.partners {
+        let client =
+            crate::connectors::partner::PartnerClient::new(name, partner.clone(), limiters)
+                .map_err(|e| DaemonError::Config(format!("partners.{name}: {e}")))?;
+        started.clients.insert(name.clone(), client.clone());
+        if partner.poll_url.is_none() {
+            continue;
+        }
+        let lease = crate::sync::ShopLease {
+            pool: pool.clone(),
+            target: crate::sync::partner::report_target(name),
+            owner: owner.to_string(),
+        };
+        let (p, interval, stop) = (pool.clone(), partner.poll_interval, shutdown.clone());
+        tracing::info!(source = %name, every_s = interval.as_secs(), "Partner lead poller started (it polls while this replica holds the source's lease).");
+        started.tasks.push(tokio::spawn(crate::sync::supervise(
+            format!("partner_poller:{name}"),
+            shutdown.clone(),
+            move || {
+                let (client, pool, lease, stop) =
+                    (client.clone(), p.clone(), lease.clone(), stop.clone());
+                async move {
+                    crate::sync::every_while_leased(lease, interval, stop, || async {
+                        match crate::sync::partner::poll_source(&pool, &client).await {
+                            Ok((stored, refused)) if stored + refused > 0 => {
+                                tracing::info!(source = %client.source(), stored, refused, "Partner leads polled.")
+                            }
+                            Ok(_) => {}
+                            Err(error) => {
+                                tracing::warn!(source = %client.source(), %error, "Polling the partner's leads failed; the cursor stays, the next round resumes.")
+                            }
+                        }
+                    })
+                    .await
+                }
+            },
+        )));
+    }
+    Ok(started)
 }
 
 /// The webhook-accepting CRM accounts.

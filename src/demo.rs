@@ -368,6 +368,17 @@ pub fn seed_crm_from_maps(amo: &AmoSim, paths: &[&Path]) -> Result<(), DemoError
                 }
             }
         }
+        // A funnel map (partner leads) lists its stages as [stages."<name>"].
+        for stage in table
+            .get("stages")
+            .and_then(|s| s.as_table())
+            .into_iter()
+            .flat_map(|t| t.keys())
+        {
+            if !stages.contains(stage) {
+                stages.push(stage.clone());
+            }
+        }
         let refs: Vec<&str> = stages.iter().map(String::as_str).collect();
         let pipeline = table
             .get("pipeline")

@@ -12,6 +12,8 @@
 //! - [`outbox`]: the job engine (claims, leases, retries, rate limits);
 //! - [`sync`]: ingest (order change + history + outbox intent in one transaction), the pollers,
 //!   both sync directions and reconciliation;
+//! - [`reports`]: the weekly commission settlement (partner leads, Avito orders) and its
+//!   comparison with the partner's own report;
 //! - [`sla`]: working time, stage entries with their SLA timers, and the tasks they create;
 //! - [`http`]: the axum side (`/healthz`, `/readyz`, `/metrics`);
 //! - [`daemon`]: wires the parts together for `run`, with graceful shutdown;
@@ -29,6 +31,7 @@ pub mod domain;
 pub mod http;
 pub mod mapping;
 pub mod outbox;
+pub mod reports;
 pub mod sim;
 pub mod sla;
 pub mod store;

@@ -30,6 +30,7 @@ async fn serve(pool: sqlx::PgPool, limit: usize) -> (String, tokio_util::sync::C
         }]),
         webhook_body_limit: limit,
         avito_hooks: Default::default(),
+        partner_hooks: Default::default(),
         maps: None,
         inbox_wake: Default::default(),
         dashboard: Default::default(),

@@ -343,6 +343,7 @@ async fn serve(pool: sqlx::PgPool, limit: usize) -> (String, tokio_util::sync::C
             name: "main".into(),
             secret: SecretString::from(SECRET),
         }]),
+        partner_hooks: Default::default(),
         webhook_body_limit: limit,
         maps: None,
         inbox_wake: Default::default(),

@@ -269,6 +269,7 @@ async fn readyz_reports_an_unreachable_database() {
             amocrm_hooks: Default::default(),
             webhook_body_limit: 1024,
             avito_hooks: Default::default(),
+            partner_hooks: Default::default(),
             maps: None,
             inbox_wake: Default::default(),
             dashboard: Default::default(),

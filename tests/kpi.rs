@@ -324,6 +324,7 @@ async fn serve(pool: PgPool, dashboard: DashboardAccess) -> String {
         metrics: orderbridge::telemetry::metrics().unwrap(),
         amocrm_hooks: Default::default(),
         avito_hooks: Default::default(),
+        partner_hooks: Default::default(),
         webhook_body_limit: 1 << 20,
         maps: None,
         inbox_wake: Arc::default(),

@@ -327,6 +327,7 @@ async fn readyz_shows_a_refused_reload() {
             metrics: orderbridge::telemetry::metrics().unwrap(),
             amocrm_hooks: Default::default(),
             avito_hooks: Default::default(),
+            partner_hooks: Default::default(),
             webhook_body_limit: 1024,
             maps: Some(registry.clone()),
             inbox_wake: Default::default(),

@@ -224,6 +224,7 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
                 account_id: 31361463,
             }]),
             avito_hooks: Default::default(),
+            partner_hooks: Default::default(),
             webhook_body_limit: 1 << 20,
             maps: Some(maps.clone()),
             inbox_wake: Default::default(),

@@ -127,6 +127,10 @@ pub struct Order {
     /// it tightens the stage's SLA when earlier.
     #[serde(default)]
     pub marketplace_deadline: Option<DateTime<Utc>>,
+    /// What the marketplace keeps of the order (Avito's `prices.commission`);
+    /// settled weekly (`orderbridge settle`).
+    #[serde(default)]
+    pub commission: Option<Money>,
 }
 
 mod email_serde {
@@ -146,7 +150,8 @@ mod email_serde {
     }
 }
 
-mod phone_serde {
+/// An optional phone as its E.164 text (`#[serde(with = …)]`).
+pub mod phone_serde {
     use super::Phone;
     use serde::{Deserialize, Deserializer, Serializer};
 

@@ -3,6 +3,11 @@
 //! account's subdomain and id, every lead change is stored in the inbox
 //! (deduplicated), and the answer is 200 at once (amoCRM waits 2 s);
 //! processing happens later. A malformed body is 400, logged, nothing stored.
+//! `POST /hooks/avito/{secret}`: Avito's messenger. `POST
+//! /hooks/partner/{source}/{secret}`: a partner programme's lead (JSON), read
+//! through the source's field map and stored with its CRM job (200; a repeated
+//! lead id is 200 and stores nothing); an invalid lead is 422 with every
+//! problem, a body that is not JSON 400, another content type 415.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -184,6 +189,101 @@ pub(super) async fn avito(
         }
         Err(error) => {
             tracing::error!(account = %account.name, %error, "Could not store an Avito webhook; answered 500.");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// A partner source that accepts leads by webhook.
+#[derive(Clone)]
+pub struct PartnerHookSource {
+    pub name: String,
+    pub secret: SecretString,
+    pub config: std::sync::Arc<crate::config::PartnerSource>,
+}
+
+impl std::fmt::Debug for PartnerHookSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartnerHookSource")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /hooks/partner/{source}/{secret}`: one lead of a partner programme.
+pub(super) async fn partner(
+    State(state): State<AppState>,
+    Path((source, secret)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    // Every source's secret is compared, so the time taken does not tell
+    // which source names exist.
+    let mut found = None;
+    for hook in state.partner_hooks.iter() {
+        if same_secret(hook.secret.expose_secret(), &secret) && hook.name == source {
+            found = Some(hook);
+        }
+    }
+    let Some(hook) = found else {
+        tracing::warn!(source = %source, "A partner webhook arrived with an unknown source or secret; answered 404.");
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let json_content = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.to_ascii_lowercase().contains("json"));
+    if !json_content {
+        metrics::counter!("orderbridge_webhooks_total", "source" => "partner", "result" => "content_type")
+            .increment(1);
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            axum::Json(serde_json::json!({"error": "send the lead as application/json"})),
+        )
+            .into_response();
+    }
+    let value: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(error) => {
+            tracing::warn!(source = %hook.name, %error, bytes = body.len(), "A partner webhook that is not JSON was refused; nothing stored.");
+            metrics::counter!("orderbridge_webhooks_total", "source" => "partner", "result" => "malformed")
+                .increment(1);
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"error": format!("the body is not JSON: {error}")})),
+            )
+                .into_response();
+        }
+    };
+    match crate::sync::partner::accept_lead(&state.pool, &hook.name, &hook.config, &value).await {
+        Ok((intake, lead)) => {
+            let repeated = intake == crate::sync::partner::Intake::Repeated;
+            tracing::info!(source = %hook.name, partner_lead = %lead.lead_id, repeated,
+                "A partner lead arrived by webhook.");
+            metrics::counter!("orderbridge_webhooks_total", "source" => "partner",
+                "result" => if repeated { "repeated" } else { "stored" })
+            .increment(1);
+            (
+                StatusCode::OK,
+                axum::Json(serde_json::json!({
+                    "ok": true, "lead_id": lead.lead_id, "repeated": repeated
+                })),
+            )
+                .into_response()
+        }
+        Err(crate::sync::partner::IntakeError::Invalid(problems)) => {
+            tracing::warn!(source = %hook.name, problems = %problems.join("; "),
+                "An invalid partner lead was refused; nothing stored.");
+            metrics::counter!("orderbridge_webhooks_total", "source" => "partner", "result" => "invalid")
+                .increment(1);
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(serde_json::json!({"error": "invalid lead", "problems": problems})),
+            )
+                .into_response()
+        }
+        Err(crate::sync::partner::IntakeError::Store(error)) => {
+            tracing::error!(source = %hook.name, %error, "Could not store a partner lead; answered 500 so the partner retries.");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
     }

@@ -1,7 +1,8 @@
 //! The HTTP side (axum): `/healthz` (alive), `/readyz` (ready: the database
 //! answers, no target's circuit is open, every map is resolved against its
 //! CRM, and no supervised part keeps failing), `/metrics` (Prometheus), and the
-//! webhook intake under `/hooks/…` ([`hooks`]). The dashboard joins here later.
+//! webhook intake under `/hooks/…` ([`hooks`]: amoCRM, Avito's messenger,
+//! partner programmes' leads). The dashboard joins here later.
 
 mod dashboard;
 pub mod hooks;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub amocrm_hooks: std::sync::Arc<Vec<hooks::HookAccount>>,
     /// Avito accounts that accept messenger webhooks.
     pub avito_hooks: std::sync::Arc<Vec<hooks::AvitoHookAccount>>,
+    /// Partner sources that accept leads by webhook.
+    pub partner_hooks: std::sync::Arc<Vec<hooks::PartnerHookSource>>,
     /// Largest accepted webhook body (larger: 413).
     pub webhook_body_limit: usize,
     /// The status maps in force (their last refused reload is shown by `/readyz`).
@@ -128,6 +131,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/hooks/avito/{secret}",
             post(hooks::avito).layer(DefaultBodyLimit::max(limit)),
+        )
+        .route(
+            "/hooks/partner/{source}/{secret}",
+            post(hooks::partner).layer(DefaultBodyLimit::max(limit)),
         )
         .with_state(state)
 }

@@ -3,15 +3,18 @@
 //! CRM stage the marketplace action it stands for; the roles. This module owns
 //! loading a map with the position of every key, and offline validation that
 //! reports every problem at once with file, line and key. Resolution of names
-//! against the live CRM and hot reload build on it.
+//! against the live CRM and hot reload build on it. Partner programmes' funnel
+//! maps (stages that report partner statuses) are in [`funnel`].
 
+pub mod funnel;
 pub mod model;
 pub mod registry;
 pub mod resolve;
 pub mod validate;
 
+pub use funnel::{FunnelMap, FunnelStage};
 pub use model::{load, ActionRow, MapError, MapFile, StatusRow};
-pub use registry::{MapRegistry, MapSet, MapSource, UNRESOLVED};
+pub use registry::{FunnelSource, MapRegistry, MapSet, MapSource, UNRESOLVED};
 pub use resolve::{
     resolve_online, CrmDirectory, MessengerRoute, Role, Route, RoutingMap, StageAction,
 };
@@ -42,6 +45,19 @@ pub fn check_shop_maps(settings: &Settings) -> Vec<String> {
                 let file = shop.map.display().to_string();
                 problems.extend(
                     validate(&file, &text, &map, &rules_for(shop.marketplace))
+                        .into_iter()
+                        .map(|i| i.to_string()),
+                );
+            }
+            Err(error) => problems.push(error.to_string()),
+        }
+    }
+    for partner in settings.partners.values() {
+        match funnel::load_funnel(&partner.map) {
+            Ok((map, text)) => {
+                let file = partner.map.display().to_string();
+                problems.extend(
+                    funnel::validate_funnel(&file, &text, &map)
                         .into_iter()
                         .map(|i| i.to_string()),
                 );

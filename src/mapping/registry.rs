@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+use super::funnel::{load_funnel, resolve_funnel, validate_funnel, FunnelMap};
 use super::resolve::{resolve_online, CrmDirectory, RoutingMap};
 use super::{load, rules_for, validate};
 use crate::config::{MarketplaceKind, Settings};
@@ -44,10 +45,33 @@ impl MapSource {
     }
 }
 
-/// The maps in force, by shop.
+/// Where a partner source's funnel map comes from.
+#[derive(Debug, Clone)]
+pub struct FunnelSource {
+    pub source: String,
+    pub crm_account: String,
+    pub path: PathBuf,
+}
+
+impl FunnelSource {
+    pub fn from_settings(settings: &Settings) -> Vec<FunnelSource> {
+        settings
+            .partners
+            .iter()
+            .map(|(name, partner)| FunnelSource {
+                source: name.clone(),
+                crm_account: partner.crm_account.clone(),
+                path: partner.map.clone(),
+            })
+            .collect()
+    }
+}
+
+/// The maps in force, by shop (and funnel maps by partner source).
 #[derive(Debug, Default)]
 pub struct MapSet {
     pub shops: BTreeMap<String, Arc<RoutingMap>>,
+    pub funnels: BTreeMap<String, Arc<FunnelMap>>,
     /// CRM accounts whose maps could not be resolved online, and why (the
     /// endpoint and what the CRM answered).
     pub unresolved: BTreeMap<String, String>,
@@ -58,6 +82,7 @@ pub const UNRESOLVED: &str = "maps unresolved";
 
 pub struct MapRegistry {
     sources: Vec<MapSource>,
+    funnels: Vec<FunnelSource>,
     current: RwLock<Arc<MapSet>>,
     errors: RwLock<Vec<String>>,
     stamps: RwLock<Vec<Option<SystemTime>>>,
@@ -101,11 +126,43 @@ async fn directories(
 /// Loads and validates every map; all problems, or the new set.
 async fn build(
     sources: &[MapSource],
+    funnels: &[FunnelSource],
     crm: &BTreeMap<String, AmoClient>,
 ) -> Result<MapSet, Vec<String>> {
     let directories = directories(crm).await;
     let mut set = MapSet::default();
     let mut problems = Vec::new();
+    for source in funnels {
+        let file = source.path.display().to_string();
+        let (map, text) = match load_funnel(&source.path) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                problems.push(error.to_string());
+                continue;
+            }
+        };
+        let issues = validate_funnel(&file, &text, &map);
+        if !issues.is_empty() {
+            problems.extend(issues.into_iter().map(|i| i.to_string()));
+            continue;
+        }
+        let routing = match directories.get(&source.crm_account) {
+            Some(Ok(directory)) => match resolve_funnel(&file, &text, &map, directory) {
+                Ok(routing) => routing,
+                Err(issues) => {
+                    problems.extend(issues.into_iter().map(|i| i.to_string()));
+                    continue;
+                }
+            },
+            Some(Err(problem)) => {
+                set.unresolved
+                    .insert(source.crm_account.clone(), problem.clone());
+                FunnelMap::offline(&file, &map)
+            }
+            None => FunnelMap::offline(&file, &map),
+        };
+        set.funnels.insert(source.source.clone(), Arc::new(routing));
+    }
     // (CRM account, field name) → (file, slot, option labels when the map has them).
     let mut shared_fields: SharedFields = BTreeMap::new();
     for source in sources {
@@ -201,10 +258,12 @@ fn disagreeing_fields(shared: &SharedFields) -> Vec<String> {
     problems
 }
 
-fn stamps(sources: &[MapSource]) -> Vec<Option<SystemTime>> {
+fn stamps(sources: &[MapSource], funnels: &[FunnelSource]) -> Vec<Option<SystemTime>> {
     sources
         .iter()
-        .map(|s| std::fs::metadata(&s.path).and_then(|m| m.modified()).ok())
+        .map(|s| &s.path)
+        .chain(funnels.iter().map(|f| &f.path))
+        .map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
         .collect()
 }
 
@@ -214,10 +273,21 @@ impl MapRegistry {
         sources: Vec<MapSource>,
         crm: &BTreeMap<String, AmoClient>,
     ) -> Result<MapRegistry, Vec<String>> {
-        let set = build(&sources, crm).await?;
-        let stamps = stamps(&sources);
+        Self::load_with_funnels(sources, Vec::new(), crm).await
+    }
+
+    /// Loads the shops' maps and the partner sources' funnel maps; refuses
+    /// to start with any problem.
+    pub async fn load_with_funnels(
+        sources: Vec<MapSource>,
+        funnels: Vec<FunnelSource>,
+        crm: &BTreeMap<String, AmoClient>,
+    ) -> Result<MapRegistry, Vec<String>> {
+        let set = build(&sources, &funnels, crm).await?;
+        let stamps = stamps(&sources, &funnels);
         Ok(MapRegistry {
             sources,
+            funnels,
             current: RwLock::new(Arc::new(set)),
             errors: RwLock::new(Vec::new()),
             stamps: RwLock::new(stamps),
@@ -244,8 +314,9 @@ impl MapRegistry {
     /// Loads, validates and swaps in every map at once; on any problem the old
     /// maps stay in force and the problems are kept and returned.
     pub async fn reload(&self, crm: &BTreeMap<String, AmoClient>) -> Result<(), Vec<String>> {
-        *self.stamps.write().unwrap_or_else(|p| p.into_inner()) = stamps(&self.sources);
-        match build(&self.sources, crm).await {
+        *self.stamps.write().unwrap_or_else(|p| p.into_inner()) =
+            stamps(&self.sources, &self.funnels);
+        match build(&self.sources, &self.funnels, crm).await {
             Ok(set) => {
                 let was_unresolved = !self.current().unresolved.is_empty();
                 let now_resolved = set.unresolved.is_empty();
@@ -285,12 +356,14 @@ impl MapRegistry {
 
     /// Whether some map could only be validated offline (its CRM did not answer).
     pub fn any_offline(&self) -> bool {
-        self.current().shops.values().any(|m| !m.online)
+        let set = self.current();
+        set.shops.values().any(|m| !m.online) || set.funnels.values().any(|m| !m.online)
     }
 
     /// Whether a map file changed since the last load.
     pub fn changed_on_disk(&self) -> bool {
-        *self.stamps.read().unwrap_or_else(|p| p.into_inner()) != stamps(&self.sources)
+        *self.stamps.read().unwrap_or_else(|p| p.into_inner())
+            != stamps(&self.sources, &self.funnels)
     }
 
     /// Reloads on SIGHUP and when a map file changes (checked every `every`).

@@ -5,5 +5,6 @@
 pub mod amocrm;
 pub mod avito;
 pub mod kaspi;
+pub mod partner;
 
 pub(crate) mod support;

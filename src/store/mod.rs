@@ -9,6 +9,7 @@ pub mod kpi;
 pub mod links;
 pub mod orders;
 pub mod outbox;
+pub mod partner;
 pub mod reconcile;
 pub mod sla;
 pub mod timeline;

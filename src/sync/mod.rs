@@ -2,7 +2,8 @@
 //! (one transaction per order change: snapshot, stage history, outbox intent),
 //! the marketplace pollers (each under its shop's lease), the Marketplace →
 //! CRM handler (`to_crm`), and CRM → marketplace (`to_marketplace`: the amoCRM
-//! inbox, the events poll, the marketplace action handler). Also the loops
+//! inbox, the events poll, the marketplace action handler), and partner
+//! programmes' leads and status reports (`partner`). Also the loops
 //! every long-running part runs in: [`every`], [`every_while_leased`], and
 //! [`supervise`], which restarts a failed part.
 
@@ -13,6 +14,7 @@ pub mod crm_writer;
 pub mod ingest;
 pub mod kaspi_poll;
 pub mod messenger_leads;
+pub mod partner;
 pub mod reconcile;
 pub mod to_crm;
 pub mod to_marketplace;

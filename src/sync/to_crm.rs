@@ -1102,7 +1102,7 @@ fn stage_name(map: &RoutingMap, order: &Order) -> String {
 }
 
 /// The contact lock stripe of a customer key.
-fn stripe(crm_account: &str, key: &str) -> usize {
+pub(crate) fn stripe(crm_account: &str, key: &str) -> usize {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     (crm_account, key).hash(&mut hasher);

@@ -103,6 +103,8 @@ enum Judged {
     Ignored(String),
     /// Not judged now (the shop's map is not resolved): stays in the inbox.
     Deferred,
+    /// A partner lead's stage change: its status report is queued.
+    PartnerReport,
 }
 
 impl Judged {
@@ -116,6 +118,7 @@ impl Judged {
             Judged::CodeCheck => "code_check",
             Judged::Ignored(_) => "ignored",
             Judged::Deferred => "deferred",
+            Judged::PartnerReport => "partner_report",
         }
     }
 
@@ -142,6 +145,15 @@ async fn judge(
     let Some((marketplace, shop, external_id, link)) =
         links::by_lead_in(tx, &row.account, lead_id).await?
     else {
+        if let Some(judged) = crate::sync::partner::judge_change(tx, maps, row, lead_id).await? {
+            return Ok(match judged {
+                crate::sync::partner::Judged::Reported => Judged::PartnerReport,
+                crate::sync::partner::Judged::Duplicate => Judged::Duplicate,
+                crate::sync::partner::Judged::Stale => Judged::Stale,
+                crate::sync::partner::Judged::Ignored(why) => Judged::Ignored(why),
+                crate::sync::partner::Judged::Deferred => Judged::Deferred,
+            });
+        }
         tracing::debug!(crm_account = %row.account, lead_id, "A change of a lead the bridge does not know; ignored.");
         return Ok(Judged::Ignored(format!(
             "lead {lead_id} is not linked to any order"

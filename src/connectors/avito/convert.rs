@@ -113,6 +113,10 @@ pub(super) fn order_from_wire(account: &str, o: OrderWire) -> Result<AvitoOrder,
         pre_order: false,
         cancellation_reason: None,
         items,
+        commission: prices
+            .as_ref()
+            .and_then(|p| p.commission)
+            .and_then(Money::from_major),
         marketplace_deadline: schedules.as_ref().and_then(|s| match o.status.as_str() {
             "on_confirmation" => time(s.confirm_till.as_deref()),
             "ready_to_ship" => time(s.ship_till.as_deref()),

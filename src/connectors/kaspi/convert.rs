@@ -140,6 +140,7 @@ pub fn order_from_resource(
         cancellation_reason: wire::text(a, "cancellationReason"),
         items: items.unwrap_or_default(),
         marketplace_deadline: None,
+        commission: None,
     };
     Ok(KaspiOrder {
         content_hash: content_hash(a),
