@@ -223,6 +223,8 @@ pub enum BenchWhich {
     Kpi(crate::bench::kpi::KpiBenchArgs),
     /// Reconciliation: 5,000 orders with leads, 200 drifts planted, one run.
     Reconcile(crate::bench::reconcile::ReconcileBenchArgs),
+    /// Partner status reports: 500 leads, 3,000 reports through a partner limited to 5/s.
+    Partner(crate::bench::partner::PartnerBenchArgs),
 }
 
 /// Exit code for an invalid configuration.
@@ -418,6 +420,11 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             which: BenchWhich::Reconcile(args),
         } => {
             crate::bench::reconcile::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Bench {
+            which: BenchWhich::Partner(args),
+        } => {
+            crate::bench::partner::run(&settings, &args, &mut std::io::stdout()).await?;
         }
         Command::Bench {
             which: BenchWhich::Avito(args),

@@ -176,6 +176,12 @@ pub async fn run_until(
         )
         .with_sla(sla.clone()),
     );
+    // One handler creates partner leads and makes their stages' responsibles.
+    let partner_leads = Arc::new(crate::sync::partner::PartnerLeadHandler::new(
+        pool.clone(),
+        crm_clients.clone(),
+        maps.clone(),
+    ));
     let engine = Engine::builder(pool.clone(), EngineConfig::from_settings(&settings.outbox))
         .owner(owner)
         .limiters(limiters.clone())
@@ -211,12 +217,9 @@ pub async fn run_until(
         )
         .handler(
             crate::sync::partner::PARTNER_LEAD_KIND,
-            crate::sync::partner::PartnerLeadHandler::new(
-                pool.clone(),
-                crm_clients.clone(),
-                maps.clone(),
-            ),
+            partner_leads.clone(),
         )
+        .handler(crate::sync::partner::PARTNER_ASSIGN_KIND, partner_leads)
         .handler(
             crate::sync::partner::PARTNER_REPORT_KIND,
             crate::sync::partner::PartnerReportHandler {

@@ -7,7 +7,10 @@
 //! assemble, complete with the buyer's code; a few cancellations; now and then
 //! a move the marketplace refuses), and marketplaces that move some orders
 //! themselves (courier hand-over, Kaspi completing its deliveries, a buyer's
-//! cancellation, Avito's delivery). Time is compressed by `speed`; a seed makes
+//! cancellation, Avito's delivery). A partner programme sends buyout requests
+//! (used Apple devices) to the bridge's partner webhook; buyers move them
+//! through the 15-stage buyout funnel (some lost on the way), and every stage
+//! is reported back to the partner. Time is compressed by `speed`; a seed makes
 //! runs repeatable. When it stops, [`Summary`] is read from the simulators.
 
 use std::collections::{BTreeMap, HashMap};
@@ -24,11 +27,29 @@ use crate::config::Settings;
 use crate::sim::amocrm::{AmoSim, AmoSimConfig};
 use crate::sim::avito::{AvitoSim, AvitoSimConfig, SimAvitoItem, SimAvitoOrderSpec};
 use crate::sim::kaspi::{KaspiSim, KaspiSimConfig, SimEntrySpec, SimOrderSpec};
+use crate::sim::partner::{PartnerSim, PartnerSimConfig};
 
 const AMO_TOKEN: &str = "demo-long-lived-token";
 const HOOK_SECRET: &str = "demo-amocrm-hook-secret-01234567";
 const KASPI_MAP: &str = "config/maps/kaspi.toml";
 const AVITO_MAP: &str = "config/maps/avito.toml";
+const BUYOUT_MAP: &str = "config/maps/buyout.toml";
+const PARTNER_SECRET: &str = "demo-partner-hook-secret-0123456";
+/// The buyout funnel a request goes through when nothing goes wrong.
+const BUYOUT_PATH: &[&str] = &[
+    "Новая заявка",
+    "Связались с продавцом",
+    "Цена согласована",
+    "Забор у продавца",
+    "Доставка в магазин",
+    "Проверка",
+    "Выкуплено",
+    "Предпродажная подготовка",
+    "Реклама",
+    "Продажа",
+    "Отправка новому владельцу",
+    "Продано",
+];
 const CODE_FIELD: &str = "Код выдачи";
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +106,12 @@ pub struct Summary {
     /// SLA tasks the bridge gave slow managers in amoCRM.
     pub sla_warnings: usize,
     pub sla_breaches: usize,
+    /// Buyout requests the partner sent, and the CRM leads they became.
+    pub buyout_requests: usize,
+    pub buyout_leads: usize,
+    /// Status reports the partner took, and its 429s.
+    pub partner_reports: usize,
+    pub partner_http_429: usize,
 }
 
 impl fmt::Display for Summary {
@@ -100,7 +127,11 @@ impl fmt::Display for Summary {
         writeln!(f, "jobs_pending: {}", self.jobs_pending)?;
         writeln!(f, "jobs_dead: {}", self.jobs_dead)?;
         writeln!(f, "sla_warnings: {}", self.sla_warnings)?;
-        write!(f, "sla_breaches: {}", self.sla_breaches)
+        writeln!(f, "sla_breaches: {}", self.sla_breaches)?;
+        writeln!(f, "buyout_requests: {}", self.buyout_requests)?;
+        writeln!(f, "buyout_leads: {}", self.buyout_leads)?;
+        writeln!(f, "partner_reports: {}", self.partner_reports)?;
+        write!(f, "partner_http_429: {}", self.partner_http_429)
     }
 }
 
@@ -109,6 +140,7 @@ pub struct World {
     pub kaspi: KaspiSim,
     pub avito: AvitoSim,
     pub amo: AmoSim,
+    pub partner: PartnerSim,
     /// Avito order ids the generator made (the simulator has no listing handle).
     avito_orders: std::sync::Mutex<Vec<String>>,
 }
@@ -130,9 +162,21 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<Finish
             ..AmoSimConfig::default()
         })
         .await?,
+        partner: PartnerSim::start(PartnerSimConfig {
+            seed: options.seed,
+            ..PartnerSimConfig::default()
+        })
+        .await?,
         avito_orders: std::sync::Mutex::new(Vec::new()),
     });
-    seed_crm_from_maps(&world.amo, &[Path::new(KASPI_MAP), Path::new(AVITO_MAP)])?;
+    seed_crm_from_maps(
+        &world.amo,
+        &[
+            Path::new(KASPI_MAP),
+            Path::new(AVITO_MAP),
+            Path::new(BUYOUT_MAP),
+        ],
+    )?;
     let database_url = prepare_database(&options).await?;
     let maps = scaled_maps(options.speed)?;
     let settings = settings(&options, &world, &database_url, &maps)?;
@@ -150,10 +194,11 @@ pub async fn run(options: DemoOptions, stop: CancellationToken) -> Result<Finish
             options.listen
         );
         println!(
-            "  simulated Kaspi {}  Avito {}  amoCRM {}",
+            "  simulated Kaspi {}  Avito {}  amoCRM {}  buyout partner {}",
             world.kaspi.base_url(),
             world.avito.base_url(),
-            world.amo.base_url()
+            world.amo.base_url(),
+            world.partner.base_url()
         );
         println!(
             "  speed ×{}, seed {}, {} orders a minute; Ctrl-C stops it and prints a summary",
@@ -226,12 +271,17 @@ async fn prepare_database(options: &DemoOptions) -> Result<String, DemoError> {
 
 /// The shipped maps with every stage's SLA divided by the demo's speed (as
 /// the managers' and marketplaces' delays are), so that slow managers meet
-/// SLA warnings and breaches within minutes. Returns (Kaspi map, Avito map).
-fn scaled_maps(speed: f64) -> Result<(String, String), DemoError> {
+/// SLA warnings and breaches within minutes. Returns the Kaspi, Avito and
+/// buyout maps.
+fn scaled_maps(speed: f64) -> Result<(String, String, String), DemoError> {
     let dir = std::env::temp_dir().join(format!("orderbridge-demo-maps-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| DemoError::Config(e.to_string()))?;
     let mut paths = Vec::new();
-    for (source, name) in [(KASPI_MAP, "kaspi.toml"), (AVITO_MAP, "avito.toml")] {
+    for (source, name) in [
+        (KASPI_MAP, "kaspi.toml"),
+        (AVITO_MAP, "avito.toml"),
+        (BUYOUT_MAP, "buyout.toml"),
+    ] {
         let text = std::fs::read_to_string(source)
             .map_err(|e| DemoError::Config(format!("{source}: {e}")))?;
         let scaled: Vec<String> = text
@@ -243,7 +293,7 @@ fn scaled_maps(speed: f64) -> Result<(String, String), DemoError> {
             .map_err(|e| DemoError::Config(e.to_string()))?;
         paths.push(path.display().to_string());
     }
-    Ok((paths[0].clone(), paths[1].clone()))
+    Ok((paths[0].clone(), paths[1].clone(), paths[2].clone()))
 }
 
 /// `sla = "15m"` at speed 10 becomes `sla = "1m 30s"`; other lines (and
@@ -272,7 +322,7 @@ fn settings(
     options: &DemoOptions,
     world: &World,
     database_url: &str,
-    maps: &(String, String),
+    maps: &(String, String, String),
 ) -> Result<Settings, DemoError> {
     let avito = AvitoSimConfig::default();
     let text = format!(
@@ -307,6 +357,7 @@ base_url = "{avito_url}"
 poll_interval = "2s"
 client_id = "{client_id}"
 client_secret = "{client_secret}"
+{partner}
 "#,
         listen = options.listen,
         kaspi_map = maps.0,
@@ -316,6 +367,9 @@ client_secret = "{client_secret}"
         avito_url = world.avito.base_url(),
         client_id = avito.client_id,
         client_secret = avito.client_secret,
+        partner = world
+            .partner
+            .source_toml("avito_buyout", "main", &maps.2, PARTNER_SECRET, ""),
     );
     let path = std::env::temp_dir().join(format!("orderbridge-demo-{}.toml", std::process::id()));
     std::fs::write(&path, text).map_err(|e| DemoError::Config(e.to_string()))?;
@@ -530,6 +584,17 @@ async fn generate(world: std::sync::Arc<World>, options: DemoOptions, stop: Canc
                 ids.push(id);
             }
         }
+        if rng.random_bool(0.3) {
+            // A buyout request from the partner programme, pushed to the bridge.
+            let lead = world.partner.new_lead();
+            let url = format!(
+                "http://{}/hooks/partner/avito_buyout/{PARTNER_SECRET}",
+                options.listen
+            );
+            if let Err(error) = world.partner.push_lead(&url, &lead).await {
+                tracing::warn!(%error, "The demo partner could not push a buyout request.");
+            }
+        }
         if rng.random_bool(0.15) {
             let (item, _) = AVITO_ITEMS[rng.random_range(0..AVITO_ITEMS.len())];
             world
@@ -597,6 +662,21 @@ async fn act(world: std::sync::Arc<World>, options: DemoOptions, stop: Cancellat
                     world.amo.manager_moves_lead(lead.id, pipeline, to, manager);
                 }
             };
+            if let Some(at) = BUYOUT_PATH.iter().position(|s| *s == stage) {
+                // A buyout request: the next step of the funnel, or lost.
+                let lost = match stage.as_str() {
+                    "Связались с продавцом" => Some("Нет связи с продавцом"),
+                    "Цена согласована" => Some("Продавец отказался"),
+                    "Проверка" => Some("Не прошло проверку"),
+                    _ => None,
+                };
+                match (lost, BUYOUT_PATH.get(at + 1)) {
+                    (Some(lost), _) if rng.random_bool(0.12) => mv(lost),
+                    (_, Some(next)) => mv(next),
+                    _ => {}
+                }
+                continue;
+            }
             if let Some(order) = code.as_deref().and_then(|c| world.kaspi.order_by_code(c)) {
                 let delivery = order.state == "KASPI_DELIVERY";
                 match (stage.as_str(), order.status.as_str()) {
@@ -681,8 +761,8 @@ async fn live_status(world: std::sync::Arc<World>, pool: sqlx::PgPool, stop: Can
                 .and_then(|d| d.into_iter().next())
                 .and_then(|d| d.last_error);
             println!(
-                "orders {:>4} | leads {:>4} (+{} messenger) | contacts {:>3} | actions sent {:>4}, refused {:>3} | jobs pending {:>3}, dead {:>2}{}",
-                s.orders, s.leads, s.messenger_leads, s.contacts, s.actions_sent, s.actions_refused, s.jobs_pending, s.jobs_dead,
+                "orders {:>4} | leads {:>4} (+{} messenger, +{} buyout) | contacts {:>3} | actions sent {:>4}, refused {:>3} | partner reports {:>4} | jobs pending {:>3}, dead {:>2}{}",
+                s.orders, s.leads, s.messenger_leads, s.buyout_leads, s.contacts, s.actions_sent, s.actions_refused, s.partner_reports, s.jobs_pending, s.jobs_dead,
                 last_error.map(|e| format!(" | last dead: {e}")).unwrap_or_default()
             );
         }
@@ -719,6 +799,13 @@ pub async fn summarize(world: &World, pool: &sqlx::PgPool) -> Result<Summary, De
         .map(|ids| ids.clone())
         .unwrap_or_default();
     let orders = kaspi_codes.len() + avito_ids.len();
+    let partner = world.partner.stats();
+    let buyout_pipeline = world
+        .amo
+        .pipelines()
+        .into_iter()
+        .find(|p| p.name == "Выкуп техники")
+        .map(|p| p.id);
     let without = kaspi_codes
         .iter()
         .chain(avito_ids.iter())
@@ -769,5 +856,12 @@ pub async fn summarize(world: &World, pool: &sqlx::PgPool) -> Result<Summary, De
             .iter()
             .filter(|t| t.text.starts_with("SLA нарушен"))
             .count(),
+        buyout_requests: partner.leads_made,
+        buyout_leads: leads
+            .iter()
+            .filter(|l| Some(l.pipeline_id) == buyout_pipeline)
+            .count(),
+        partner_reports: partner.accepted,
+        partner_http_429: partner.http_429,
     })
 }

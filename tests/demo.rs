@@ -46,6 +46,16 @@ async fn the_demo_at_high_speed_keeps_one_lead_per_order_and_one_action_per_move
         "{summary}"
     );
     assert!(summary.messenger_leads > 0, "{summary}");
+    // The buyout flow: every request became one lead, its stages reached the
+    // partner, never beyond its limit.
+    assert!(summary.buyout_requests > 0, "{summary}");
+    assert_eq!(summary.buyout_leads, summary.buyout_requests, "{summary}");
+    assert!(
+        summary.partner_reports > summary.buyout_leads,
+        "intake and later stages reported: {summary}"
+    );
+    assert_eq!(summary.partner_http_429, 0, "{summary}");
+    assert_eq!(world.partner.stats().out_of_order, 0, "{summary}");
 
     // One action per move: no Kaspi transition was applied twice to one order.
     let mut applied: BTreeMap<(String, String, bool), usize> = BTreeMap::new();

@@ -49,7 +49,7 @@ async fn world(amo_rate: u32, partner: PartnerSimConfig) -> World {
 
 /// The daemon's settings: one CRM account, the partner source `buyout` with
 /// the simulator's format; `extra` is appended (e.g. a poll URL).
-fn settings(w: &World, crm_rate: u32, per_second: u32, per_minute: u32, extra: &str) -> Settings {
+fn settings(w: &World, crm_rate: u32, extra: &str) -> Settings {
     let text = format!(
         r#"
 [database]
@@ -68,39 +68,14 @@ rate_limit = {{ requests = {crm_rate} }}
 [crm_accounts.main.auth]
 mode = "long_lived"
 token = "{AMO_TOKEN}"
-[partners.buyout]
-crm_account = "main"
-map = "{BUYOUT_MAP}"
-webhook_secret = "{SECRET}"
-{extra}
-[partners.buyout.fields]
-lead_id = "/id"
-status = "/status"
-model = "/device/model"
-memory = "/device/memory"
-colour = "/device/color"
-condition = "/device/condition"
-defects = "/device/defects"
-buyout_price = "/prices/buyout"
-client_price = "/prices/client"
-seller_name = "/seller/name"
-seller_phone = "/seller/phone"
-city = "/city"
-[partners.buyout.report]
-url = "{partner}/leads/{{lead_id}}/status"
-body = '{{"status": "{{status}}", "changed_at": "{{changed_at}}", "seq": {{seq}}}}'
-auth_header = "Authorization"
-auth_value = "Bearer partner-report-token"
-per_second = {per_second}
-per_minute = {per_minute}
-[partners.buyout.commission]
-counts_when = ["bought", "listed", "reserved", "shipped", "sold"]
-rate = 0.05
+{partner_toml}
 "#,
         db = database_url(&w.db),
         port = w.port,
         amo = w.amo.base_url(),
-        partner = w.partner.base_url(),
+        partner_toml =
+            w.partner
+                .source_toml("buyout", "main", "config/maps/buyout.toml", SECRET, extra),
     );
     settings_from(
         &std::env::temp_dir().join(format!("orderbridge-{}", w.db.name)),
@@ -158,7 +133,7 @@ fn full_lead(id: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_lead_becomes_a_full_lead_and_every_move_is_reported_in_order() {
     let w = world(7, PartnerSimConfig::default()).await;
-    let (stop, daemon) = start_daemon(settings(&w, 7, 5, 300, ""));
+    let (stop, daemon) = start_daemon(settings(&w, 7, ""));
     wait_ready(&w).await;
     let lead = full_lead("AV-77001");
     w.partner.offer(lead.clone());
@@ -319,6 +294,18 @@ async fn a_partner_lead_becomes_a_full_lead_and_every_move_is_reported_in_order(
     assert_eq!(w.partner.statuses_of("AV-77001"), expected);
     let stats = w.partner.stats();
     assert_eq!((stats.http_429, stats.out_of_order), (0, 0), "{stats:?}");
+    // One responsible per stage: «Реклама» belongs to the sales role.
+    let sales = w.amo.user_id("Менеджер по продажам").unwrap();
+    wait_for(
+        "the sales role responsible",
+        Duration::from_secs(10),
+        || async {
+            w.amo
+                .lead(crm.id)
+                .is_some_and(|l| l.responsible_user_id == sales)
+        },
+    )
+    .await;
 
     // The week settled here and at the partner agree.
     let tz = chrono_tz::Asia::Almaty;
@@ -329,7 +316,7 @@ async fn a_partner_lead_becomes_a_full_lead_and_every_move_is_reported_in_order(
         chrono::Datelike::iso_week(&now).week()
     );
     let week = orderbridge::reports::parse_week(&week_name, tz).unwrap();
-    let settings = settings(&w, 7, 5, 300, "");
+    let settings = settings(&w, 7, "");
     let ours = orderbridge::reports::settle(&w.db.pool, &settings, "buyout", &week)
         .await
         .unwrap();
@@ -369,7 +356,7 @@ async fn five_hundred_leads_in_a_burst_are_all_reported_in_order_without_a_429()
         },
     )
     .await;
-    let (stop, daemon) = start_daemon(settings(&w, 55, 25, 1200, ""));
+    let (stop, daemon) = start_daemon(settings(&w, 55, ""));
     wait_ready(&w).await;
     let leads: Vec<serde_json::Value> = (0..500).map(|_| w.partner.new_lead()).collect();
     let url = hook_url(&w, SECRET);
@@ -454,7 +441,7 @@ async fn polled_leads_arrive_and_a_failing_partner_is_retried_until_it_takes_the
         "poll_url = \"{}/leads\"\npoll_interval = \"1s\"",
         w.partner.base_url()
     );
-    let (stop, daemon) = start_daemon(settings(&w, 7, 5, 300, &poll));
+    let (stop, daemon) = start_daemon(settings(&w, 7, &poll));
     w.partner.fail_next(3);
     for _ in 0..3 {
         w.partner.new_lead();

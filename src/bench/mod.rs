@@ -7,4 +7,5 @@ pub mod avito;
 pub mod kaspi;
 pub mod kpi;
 pub mod outbox;
+pub mod partner;
 pub mod reconcile;

@@ -96,6 +96,8 @@ pub struct PartnerStats {
     /// The most requests that arrived within any one second.
     pub max_in_any_second: usize,
     pub poll_requests: usize,
+    /// Leads the partner made.
+    pub leads_made: usize,
 }
 
 struct SimState {
@@ -190,6 +192,63 @@ impl PartnerSim {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The `[partners.<source>]` configuration an operator would write for
+    /// this partner's format: its JSON pointers, its report endpoint, body and
+    /// token, and its limits, with the funnel `map`; `extra` lines go into
+    /// the source's table.
+    pub fn source_toml(
+        &self,
+        source: &str,
+        crm_account: &str,
+        map: &str,
+        secret: &str,
+        extra: &str,
+    ) -> String {
+        let c = self.lock().config.clone();
+        format!(
+            r#"
+[partners.{source}]
+crm_account = "{crm_account}"
+map = "{map}"
+webhook_secret = "{secret}"
+{extra}
+[partners.{source}.fields]
+lead_id = "/id"
+status = "/status"
+model = "/device/model"
+memory = "/device/memory"
+colour = "/device/color"
+condition = "/device/condition"
+defects = "/device/defects"
+buyout_price = "/prices/buyout"
+client_price = "/prices/client"
+seller_name = "/seller/name"
+seller_phone = "/seller/phone"
+city = "/city"
+[partners.{source}.report]
+url = "{base}/leads/{{lead_id}}/status"
+body = '{{"status": "{{status}}", "changed_at": "{{changed_at}}", "seq": {{seq}}}}'
+auth_header = "Authorization"
+auth_value = "Bearer {token}"
+per_second = {per_second}
+per_minute = {per_minute}
+[partners.{source}.commission]
+counts_when = [{counting}]
+rate = {rate}
+"#,
+            base = self.base_url,
+            token = c.token,
+            per_second = c.per_second,
+            per_minute = c.per_minute,
+            counting = COUNTING_STATUSES
+                .iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+            rate = c.rate,
+        )
+    }
+
     /// `http://127.0.0.1:PORT`: `GET /leads`, `POST /leads/{id}/status`.
     pub fn base_url(&self) -> String {
         self.base_url.clone()
@@ -266,6 +325,7 @@ impl PartnerSim {
         let s = self.lock();
         let mut stats = s.stats.clone();
         stats.max_in_any_second = max_in_window(&s.all_arrivals, Duration::from_secs(1));
+        stats.leads_made = s.leads.len();
         stats
     }
 

@@ -10,7 +10,8 @@
 //! - stage changes ([`judge_change`], called by the amoCRM inbox processor for
 //!   leads that are not marketplace orders): a move into a stage whose map
 //!   row names a partner status stores a report and queues it, in the order
-//!   the changes happened (one ordering key per partner lead);
+//!   the changes happened (one ordering key per partner lead); the stage's
+//!   role picks the lead's responsible (`crm_assign_partner_responsible`);
 //! - reports (`partner_report`, [`PartnerReportHandler`]): sent under the
 //!   partner's own limits, retried on 5xx/429/timeouts, the answer kept;
 //! - polling ([`poll_source`]) for sources with a `poll_url`.
@@ -37,6 +38,8 @@ use crate::store::{links, StoreError};
 pub const PARTNER_LEAD_KIND: &str = "crm_create_partner_lead";
 /// Sends one status report to the partner.
 pub const PARTNER_REPORT_KIND: &str = "partner_report";
+/// Makes the user the stage's role picked responsible for a partner lead.
+pub const PARTNER_ASSIGN_KIND: &str = "crm_assign_partner_responsible";
 
 /// The outbox target (and limiter key) of a partner's reports.
 pub fn report_target(source: &str) -> String {
@@ -171,6 +174,7 @@ pub enum Judged {
 /// Judges an amoCRM change of `lead_id` when it is a partner lead; `None` when it is not.
 pub async fn judge_change(
     tx: &mut sqlx::PgConnection,
+    pool: &PgPool,
     maps: &MapRegistry,
     row: &InboxRow,
     lead_id: i64,
@@ -205,7 +209,39 @@ pub async fn judge_change(
         return Ok(Some(Judged::Duplicate));
     }
     store::set_stage(tx, lead.id, status_id, changed_at).await?;
-    let Some(stage) = funnel.stage_by_id(pipeline_id as u64, status_id as u64) else {
+    let stage = funnel.stage_by_id(pipeline_id as u64, status_id as u64);
+    // One responsible per stage: the stage's role picks one (its own job).
+    if let Some((role, def)) = stage
+        .and_then(|s| s.role.as_ref())
+        .and_then(|r| funnel.roles.get(r).map(|def| (r, def)))
+    {
+        let author = row.payload["modified_user_id"].as_u64();
+        match crate::sla::pick_responsible(pool, &row.account, role, def).await? {
+            Some(user) if Some(user) != author => {
+                crate::store::outbox::enqueue(
+                    tx,
+                    &NewJob {
+                        kind: PARTNER_ASSIGN_KIND.into(),
+                        target: format!("amocrm:{}", row.account),
+                        ordering_key: ordering_key(&lead.source, &lead.partner_lead_id),
+                        dedupe_key: None,
+                        payload: serde_json::json!({
+                            "crm_account": row.account, "lead_id": lead_id, "user": user, "role": role,
+                        }),
+                        run_at: None,
+                    },
+                )
+                .await?;
+            }
+            Some(_) => {}
+            None => {
+                tracing::error!(source = %lead.source, lead_id, role = %role,
+                    "Nobody of the stage's role can be made responsible for a partner lead (no active user).");
+                metrics::counter!("orderbridge_unassigned_total").increment(1);
+            }
+        }
+    }
+    let Some(stage) = stage else {
         tracing::debug!(crm_account = %row.account, lead_id, status_id, "A partner lead moved into a stage its funnel map does not list; nothing reported.");
         return Ok(Some(Judged::Ignored(format!(
             "stage {status_id} of pipeline {pipeline_id} is not in the funnel map"
@@ -292,6 +328,32 @@ impl PartnerLeadHandler {
     }
 }
 
+impl PartnerLeadHandler {
+    /// Runs a [`PARTNER_ASSIGN_KIND`] job.
+    async fn assign(&self, job: &JobContext) -> Result<(), PartnerLeadError> {
+        let p = &job.payload;
+        let (Some(account), Some(lead_id), Some(user)) = (
+            p["crm_account"].as_str(),
+            p["lead_id"].as_u64(),
+            p["user"].as_u64(),
+        ) else {
+            return Err(PartnerLeadError::BadPayload(p.to_string()));
+        };
+        let client = self
+            .clients
+            .get(account)
+            .ok_or_else(|| PartnerLeadError::NoClient(account.to_string()))?;
+        client
+            .update_leads(&[crate::connectors::amocrm::LeadUpdate {
+                id: lead_id,
+                responsible_user_id: Some(user),
+                ..Default::default()
+            }])
+            .await?;
+        Ok(())
+    }
+}
+
 /// The lead's name from the funnel's template.
 fn lead_name(funnel: &FunnelMap, source: &str, lead: &PartnerLead) -> String {
     let text = |v: &Option<String>| v.clone().unwrap_or_default();
@@ -369,6 +431,9 @@ impl Handler for PartnerLeadHandler {
     type Error = PartnerLeadError;
 
     async fn run(&self, job: &JobContext) -> Result<(), PartnerLeadError> {
+        if job.kind == PARTNER_ASSIGN_KIND {
+            return self.assign(job).await;
+        }
         let row_id = job.payload["partner_lead"]
             .as_i64()
             .ok_or_else(|| PartnerLeadError::BadPayload(job.payload.to_string()))?;

@@ -145,7 +145,9 @@ async fn judge(
     let Some((marketplace, shop, external_id, link)) =
         links::by_lead_in(tx, &row.account, lead_id).await?
     else {
-        if let Some(judged) = crate::sync::partner::judge_change(tx, maps, row, lead_id).await? {
+        if let Some(judged) =
+            crate::sync::partner::judge_change(tx, pool, maps, row, lead_id).await?
+        {
             return Ok(match judged {
                 crate::sync::partner::Judged::Reported => Judged::PartnerReport,
                 crate::sync::partner::Judged::Duplicate => Judged::Duplicate,
