@@ -630,6 +630,12 @@ async fn act(world: std::sync::Arc<World>, options: DemoOptions, stop: Cancellat
                 .map(move |(id, name)| (id, (p.id, name)))
         })
         .collect();
+    let buyout_pipeline = world
+        .amo
+        .pipelines()
+        .into_iter()
+        .find(|p| p.name == "Выкуп техники")
+        .map(|p| p.id);
     let stage_named = |pipeline: u64, name: &str| {
         stages
             .iter()
@@ -662,7 +668,11 @@ async fn act(world: std::sync::Arc<World>, options: DemoOptions, stop: Cancellat
                     world.amo.manager_moves_lead(lead.id, pipeline, to, manager);
                 }
             };
-            if let Some(at) = BUYOUT_PATH.iter().position(|s| *s == stage) {
+            let buyout = BUYOUT_PATH
+                .iter()
+                .position(|s| *s == stage)
+                .filter(|_| Some(pipeline) == buyout_pipeline);
+            if let Some(at) = buyout {
                 // A buyout request: the next step of the funnel, or lost.
                 let lost = match stage.as_str() {
                     "Связались с продавцом" => Some("Нет связи с продавцом"),
