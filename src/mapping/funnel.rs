@@ -15,8 +15,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::model::{line_of, MapError, PipelineRef, RoleDef};
-use super::resolve::{CrmDirectory, Role};
-use super::validate::{parse_sla, placeholders, MapIssue};
+use super::resolve::{offline_roles, resolve_roles, same, value_text, CrmDirectory, Role};
+use super::validate::{check_role_and_sla, check_roles, parse_sla, placeholders, MapIssue};
 
 /// A funnel map as written.
 #[derive(Debug, Deserialize)]
@@ -139,17 +139,6 @@ impl FunnelMap {
     }
 }
 
-fn same(a: &str, b: &str) -> bool {
-    a.trim().to_lowercase() == b.trim().to_lowercase()
-}
-
-fn value_text(value: &toml::Value) -> String {
-    match value {
-        toml::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 /// Reads and parses a funnel map file (syntax and shape only).
 pub fn load_funnel(path: &Path) -> Result<(FunnelFile, String), MapError> {
     let file = path.display().to_string();
@@ -180,34 +169,7 @@ pub fn validate_funnel(file: &str, text: &str, map: &FunnelFile) -> Vec<MapIssue
         });
     };
     let role_names: Vec<&str> = map.roles.keys().map(|k| k.get_ref().as_str()).collect();
-    let roles_list = || {
-        if role_names.is_empty() {
-            "none".to_string()
-        } else {
-            role_names.join(", ")
-        }
-    };
-    for (name, role) in &map.roles {
-        if role.get_ref().users.get_ref().is_empty() {
-            bad(
-                role.get_ref().users.span(),
-                format!("roles.{}.users", name.get_ref()),
-                "names no user; list the amoCRM users (names or ids) who may be responsible".into(),
-            );
-        }
-        if let Some(pick) = &role.get_ref().pick {
-            if !["round_robin", "least_loaded"].contains(&pick.get_ref().as_str()) {
-                bad(
-                    pick.span(),
-                    format!("roles.{}.pick", name.get_ref()),
-                    format!(
-                        "`{}` is not a rule; use one of: round_robin, least_loaded",
-                        pick.get_ref()
-                    ),
-                );
-            }
-        }
-    }
+    check_roles(&map.roles, &mut bad);
     let stages = &map.stages;
     if stages.is_empty() {
         let end = text.len().saturating_sub(1);
@@ -234,31 +196,7 @@ pub fn validate_funnel(file: &str, text: &str, map: &FunnelFile) -> Vec<MapIssue
             seen.insert(normal, line_of(text, name.span().start));
         }
         let s = stage.get_ref();
-        if let Some(role) = &s.role {
-            if !role_names.contains(&role.get_ref().as_str()) {
-                bad(
-                    role.span(),
-                    format!("{key}.role"),
-                    format!(
-                        "no role `{}` is defined; defined roles: {}",
-                        role.get_ref(),
-                        roles_list()
-                    ),
-                );
-            }
-        }
-        if let Some(sla) = &s.sla {
-            if parse_sla(sla.get_ref()).is_none() {
-                bad(
-                    sla.span(),
-                    format!("{key}.sla"),
-                    format!(
-                        "`{}` is not a duration; write e.g. 15m, 2h, 1d, or end_of_day",
-                        sla.get_ref()
-                    ),
-                );
-            }
-        }
+        check_role_and_sla(&key, s.role.as_ref(), s.sla.as_ref(), &role_names, &mut bad);
         if let Some(report) = &s.report {
             let r = report.get_ref();
             if r.trim().is_empty() || r.chars().any(char::is_whitespace) {
@@ -371,25 +309,7 @@ impl FunnelMap {
                     }
                 })
                 .collect(),
-            roles: map
-                .roles
-                .iter()
-                .map(|(name, role)| {
-                    let r = role.get_ref();
-                    (
-                        name.get_ref().clone(),
-                        Role {
-                            users: r.users.get_ref().iter().map(value_text).collect(),
-                            user_ids: Vec::new(),
-                            pick: r
-                                .pick
-                                .as_ref()
-                                .map(|p| p.get_ref().clone())
-                                .unwrap_or_else(|| "round_robin".into()),
-                        },
-                    )
-                })
-                .collect(),
+            roles: offline_roles(&map.roles),
             fields: lead
                 .map(|l| {
                     l.fields
@@ -472,35 +392,7 @@ pub fn resolve_funnel(
             ),
         }
     }
-    for (name, role) in &map.roles {
-        for user in role.get_ref().users.get_ref() {
-            let found = crm.users.iter().find(|u| match user {
-                toml::Value::Integer(id) => u.id == *id as u64,
-                other => same(&u.name, &value_text(other)),
-            });
-            match found {
-                Some(u) if u.active => {
-                    if let Some(r) = routing.roles.get_mut(name.get_ref()) {
-                        r.user_ids.push(u.id);
-                    }
-                }
-                Some(_) => {}
-                None => bad(
-                    role.get_ref().users.span(),
-                    format!("roles.{}.users", name.get_ref()),
-                    format!(
-                        "the CRM has no user `{}`; its users are: {}",
-                        value_text(user),
-                        crm.users
-                            .iter()
-                            .map(|u| u.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ),
-            }
-        }
-    }
+    resolve_roles(&map.roles, crm, &mut routing.roles, &mut bad);
     if let Some(lead) = &map.lead {
         for (slot, field) in &lead.fields {
             let wanted = field.get_ref();

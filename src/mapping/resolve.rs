@@ -73,7 +73,75 @@ pub struct RoutingMap {
     pub online: bool,
 }
 
-fn value_text(value: &toml::Value) -> String {
+/// The roles of a map as written (no user ids yet).
+pub(super) fn offline_roles(roles: &Roles) -> BTreeMap<String, Role> {
+    roles
+        .iter()
+        .map(|(name, role)| {
+            let r = role.get_ref();
+            (
+                name.get_ref().clone(),
+                Role {
+                    users: r.users.get_ref().iter().map(value_text).collect(),
+                    user_ids: Vec::new(),
+                    pick: r
+                        .pick
+                        .as_ref()
+                        .map(|p| p.get_ref().clone())
+                        .unwrap_or_else(|| "round_robin".into()),
+                },
+            )
+        })
+        .collect()
+}
+
+/// A map's `[roles]` as written.
+pub(super) type Roles = BTreeMap<toml::Spanned<String>, toml::Spanned<super::model::RoleDef>>;
+
+/// Resolves every role's users to their ids in the CRM; a user the CRM lacks
+/// is a problem (`bad(span, key, message)`), a deactivated one is skipped.
+pub(super) fn resolve_roles(
+    roles: &Roles,
+    crm: &CrmDirectory,
+    resolved: &mut BTreeMap<String, Role>,
+    bad: &mut impl FnMut(std::ops::Range<usize>, String, String),
+) {
+    for (name, role) in roles {
+        for user in role.get_ref().users.get_ref() {
+            let found = crm.users.iter().find(|u| match user {
+                toml::Value::Integer(id) => u.id == *id as u64,
+                other => same(&u.name, &value_text(other)),
+            });
+            match found {
+                // A deactivated user is known but never made responsible.
+                Some(u) if !u.active => {
+                    tracing::warn!(role = %name.get_ref(), user = %u.name,
+                        "A role's user is deactivated in amoCRM; nobody gets leads through it.");
+                }
+                Some(u) => {
+                    if let Some(r) = resolved.get_mut(name.get_ref()) {
+                        r.user_ids.push(u.id);
+                    }
+                }
+                None => bad(
+                    role.get_ref().users.span(),
+                    format!("roles.{}.users", name.get_ref()),
+                    format!(
+                        "the CRM has no user `{}`; its users are: {}",
+                        value_text(user),
+                        crm.users
+                            .iter()
+                            .map(|u| u.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ),
+            }
+        }
+    }
+}
+
+pub(super) fn value_text(value: &toml::Value) -> String {
     match value {
         toml::Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -119,25 +187,7 @@ impl RoutingMap {
                     }
                 })
                 .collect(),
-            roles: map
-                .roles
-                .iter()
-                .map(|(name, role)| {
-                    let r = role.get_ref();
-                    (
-                        name.get_ref().clone(),
-                        Role {
-                            users: r.users.get_ref().iter().map(value_text).collect(),
-                            user_ids: Vec::new(),
-                            pick: r
-                                .pick
-                                .as_ref()
-                                .map(|p| p.get_ref().clone())
-                                .unwrap_or_else(|| "round_robin".into()),
-                        },
-                    )
-                })
-                .collect(),
+            roles: offline_roles(&map.roles),
             lead_name: map
                 .lead
                 .as_ref()
@@ -214,7 +264,7 @@ pub struct CrmDirectory {
     pub lead_fields: Vec<CustomField>,
 }
 
-fn same(a: &str, b: &str) -> bool {
+pub(super) fn same(a: &str, b: &str) -> bool {
     a.trim().to_lowercase() == b.trim().to_lowercase()
 }
 
@@ -337,35 +387,7 @@ pub fn resolve_online(
             ),
         }
     }
-    for (name, role) in &map.roles {
-        for user in role.get_ref().users.get_ref() {
-            let found = crm.users.iter().find(|u| match user {
-                toml::Value::Integer(id) => u.id == *id as u64,
-                other => same(&u.name, &value_text(other)),
-            });
-            match found {
-                // A deactivated user is known but never made responsible.
-                Some(u) if !u.active => {
-                    tracing::warn!(role = %name.get_ref(), user = %u.name,
-                        "A role's user is deactivated in amoCRM; nobody gets leads through it.");
-                }
-                Some(u) => {
-                    if let Some(r) = routing.roles.get_mut(name.get_ref()) {
-                        r.user_ids.push(u.id);
-                    }
-                }
-                None => bad(
-                    role.get_ref().users.span(),
-                    format!("roles.{}.users", name.get_ref()),
-                    format!(
-                        "the CRM has no user `{}`; its users are: {}",
-                        value_text(user),
-                        list(crm.users.iter().map(|u| u.name.clone()).collect())
-                    ),
-                ),
-            }
-        }
-    }
+    resolve_roles(&map.roles, crm, &mut routing.roles, &mut bad);
     if let Some(lead) = &map.lead {
         let lead = lead.get_ref();
         let field_names = || list(crm.lead_fields.iter().map(|f| f.name.clone()).collect());

@@ -172,21 +172,12 @@ pub fn placeholders(template: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Validates a parsed map; empty means valid.
-pub fn validate(file: &str, text: &str, map: &MapFile, rules: &MarketplaceRules) -> Vec<MapIssue> {
-    let mut issues = Vec::new();
-    let mut bad = |span: std::ops::Range<usize>, key: String, message: String| {
-        issues.push(MapIssue {
-            file: file.to_string(),
-            line: line_of(text, span.start),
-            key,
-            message,
-        });
-    };
-    let role_names: Vec<&str> = map.roles.keys().map(|k| k.get_ref().as_str()).collect();
-
-    // Roles.
-    for (name, role) in &map.roles {
+/// Checks a map's `[roles]`: each names users and a known pick rule.
+pub(super) fn check_roles(
+    roles: &super::resolve::Roles,
+    bad: &mut impl FnMut(std::ops::Range<usize>, String, String),
+) {
+    for (name, role) in roles {
         let key = format!("roles.{}", name.get_ref());
         if role.get_ref().users.get_ref().is_empty() {
             bad(
@@ -209,6 +200,61 @@ pub fn validate(file: &str, text: &str, map: &MapFile, rules: &MarketplaceRules)
             }
         }
     }
+}
+
+/// Checks a row's `role` (one of `role_names`) and `sla` (a duration).
+pub(super) fn check_role_and_sla(
+    key: &str,
+    role: Option<&Spanned<String>>,
+    sla: Option<&Spanned<String>>,
+    role_names: &[&str],
+    bad: &mut impl FnMut(std::ops::Range<usize>, String, String),
+) {
+    if let Some(role) = role {
+        if !role_names.contains(&role.get_ref().as_str()) {
+            bad(
+                role.span(),
+                format!("{key}.role"),
+                format!(
+                    "no role `{}` is defined; defined roles: {}",
+                    role.get_ref(),
+                    if role_names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        role_names.join(", ")
+                    }
+                ),
+            );
+        }
+    }
+    if let Some(sla) = sla {
+        if parse_sla(sla.get_ref()).is_none() {
+            bad(
+                sla.span(),
+                format!("{key}.sla"),
+                format!(
+                    "`{}` is not a duration; write e.g. 15m, 2h, 1d, or end_of_day",
+                    sla.get_ref()
+                ),
+            );
+        }
+    }
+}
+
+/// Validates a parsed map; empty means valid.
+pub fn validate(file: &str, text: &str, map: &MapFile, rules: &MarketplaceRules) -> Vec<MapIssue> {
+    let mut issues = Vec::new();
+    let mut bad = |span: std::ops::Range<usize>, key: String, message: String| {
+        issues.push(MapIssue {
+            file: file.to_string(),
+            line: line_of(text, span.start),
+            key,
+            message,
+        });
+    };
+    let role_names: Vec<&str> = map.roles.keys().map(|k| k.get_ref().as_str()).collect();
+
+    check_roles(&map.roles, &mut bad);
 
     // Status rows.
     for (status, row) in &map.statuses {
@@ -240,35 +286,7 @@ pub fn validate(file: &str, text: &str, map: &MapFile, rules: &MarketplaceRules)
             ),
             _ => {}
         }
-        if let Some(role) = &r.role {
-            if !role_names.contains(&role.get_ref().as_str()) {
-                bad(
-                    role.span(),
-                    format!("{key}.role"),
-                    format!(
-                        "no role `{}` is defined; defined roles: {}",
-                        role.get_ref(),
-                        if role_names.is_empty() {
-                            "none".to_string()
-                        } else {
-                            role_names.join(", ")
-                        }
-                    ),
-                );
-            }
-        }
-        if let Some(sla) = &r.sla {
-            if parse_sla(sla.get_ref()).is_none() {
-                bad(
-                    sla.span(),
-                    format!("{key}.sla"),
-                    format!(
-                        "`{}` is not a duration; write e.g. 15m, 2h, 1d, or end_of_day",
-                        sla.get_ref()
-                    ),
-                );
-            }
-        }
+        check_role_and_sla(&key, r.role.as_ref(), r.sla.as_ref(), &role_names, &mut bad);
     }
     // Every status key exactly once (a missing one is a hole in the map).
     let end = text.len().saturating_sub(1);
