@@ -35,8 +35,9 @@ const KASPI_MAP: &str = "config/maps/kaspi.toml";
 const AVITO_MAP: &str = "config/maps/avito.toml";
 const BUYOUT_MAP: &str = "config/maps/buyout.toml";
 const PARTNER_SECRET: &str = "demo-partner-hook-secret-0123456";
-/// The buyout funnel a request goes through when nothing goes wrong.
-const BUYOUT_PATH: &[&str] = &[
+/// The buyout funnel a request goes through when nothing goes wrong (the
+/// stages of `config/maps/buyout.toml`).
+pub const BUYOUT_PATH: &[&str] = &[
     "Новая заявка",
     "Связались с продавцом",
     "Цена согласована",

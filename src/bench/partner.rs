@@ -21,26 +21,30 @@ use crate::store::ScratchDatabase;
 
 const AMO_TOKEN: &str = "long-lived-bench-token";
 const SECRET: &str = "bench-partner-secret-0001";
-/// The stages every lead is moved through after its intake.
-const MOVES: &[&str] = &[
-    "Связались с продавцом",
-    "Цена согласована",
-    "Забор у продавца",
-    "Доставка в магазин",
-    "Проверка",
-    "Выкуплено",
-    "Реклама",
-    "Продажа",
-    "Отправка новому владельцу",
-    "Продано",
-];
+/// The stages a lead is moved through after its intake, each reporting a
+/// partner status (per the shipped map).
+fn reporting_moves() -> Result<Vec<&'static str>, PartnerBenchError> {
+    let path = std::path::Path::new("config/maps/buyout.toml");
+    let (map, _) = crate::mapping::funnel::load_funnel(path).map_err(failed)?;
+    let funnel = crate::mapping::FunnelMap::offline("config/maps/buyout.toml", &map);
+    Ok(crate::demo::BUYOUT_PATH
+        .iter()
+        .skip(1)
+        .copied()
+        .filter(|stage| {
+            funnel
+                .stage_named(stage)
+                .is_some_and(|s| s.report.is_some())
+        })
+        .collect())
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PartnerBenchArgs {
     /// Partner leads pushed at once.
     #[arg(long, default_value_t = 500)]
     pub leads: usize,
-    /// Manager moves per lead (each one report), at most 10.
+    /// Manager moves per lead (each into a stage that reports), at most 10.
     #[arg(long, default_value_t = 5)]
     pub moves: usize,
     /// The partner's limit per second (its per-minute limit is 60 times it).
@@ -102,7 +106,8 @@ async fn measure(
     db: &ScratchDatabase,
     args: &PartnerBenchArgs,
 ) -> Result<Vec<(&'static str, String)>, PartnerBenchError> {
-    let moves = args.moves.min(MOVES.len());
+    let all_moves = reporting_moves()?;
+    let moves = args.moves.min(all_moves.len());
     let per_second = args.per_second.max(1);
     let amo = AmoSim::start(AmoSimConfig {
         long_lived_token: Some(AMO_TOKEN.into()),
@@ -178,7 +183,7 @@ async fn measure(
         .find(|p| p.name == "Выкуп техники")
         .ok_or_else(|| failed("no buyout pipeline in the simulator"))?;
     let manager = amo.user_id("Закупщик").unwrap_or(1);
-    for stage in &MOVES[..moves] {
+    for stage in &all_moves[..moves] {
         let status = pipeline
             .stages
             .iter()
