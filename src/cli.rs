@@ -1,5 +1,5 @@
 //! The command line (clap): `run`, `demo`, `migrate`, `check-config`,
-//! `reconcile`, `dlq`, `circuit`, `map`, `bench`.
+//! `reconcile`, `kpi`, `order`, `settle`, `dlq`, `circuit`, `map`, `bench`.
 //! Each command loads and validates the configuration first; nothing starts on
 //! an invalid one.
 
@@ -225,6 +225,9 @@ pub enum BenchWhich {
     Reconcile(crate::bench::reconcile::ReconcileBenchArgs),
     /// Partner status reports: 500 leads, 3,000 reports through a partner limited to 5/s.
     Partner(crate::bench::partner::PartnerBenchArgs),
+    /// The daemon end to end at amoCRM's 7 req/s: a 10,000-order backlog, steady
+    /// arrivals, managers' moves back to Kaspi.
+    Pipeline(crate::bench::pipeline::PipelineBenchArgs),
 }
 
 /// Exit code for an invalid configuration.
@@ -420,6 +423,11 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             which: BenchWhich::Reconcile(args),
         } => {
             crate::bench::reconcile::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Bench {
+            which: BenchWhich::Pipeline(args),
+        } => {
+            crate::bench::pipeline::run(&settings, &args, &mut std::io::stdout()).await?;
         }
         Command::Bench {
             which: BenchWhich::Partner(args),

@@ -174,7 +174,14 @@ pub async fn run_until(
             maps.clone(),
             shop_crm(&settings),
         )
-        .with_sla(sla.clone()),
+        .with_sla(sla.clone())
+        .with_batch_fill(
+            &settings
+                .crm_accounts
+                .iter()
+                .map(|(name, crm)| (name.clone(), crm.batch_fill))
+                .collect(),
+        ),
     );
     // One handler creates partner leads and makes their stages' responsibles.
     let partner_leads = Arc::new(crate::sync::partner::PartnerLeadHandler::new(
@@ -187,6 +194,11 @@ pub async fn run_until(
         .limiters(limiters.clone())
         .handler(crate::sync::to_crm::ASSIGN_KIND, crm_sync.clone())
         .handler(crate::sync::ingest::CRM_SYNC_KIND, crm_sync)
+        // The account's writer sends up to 50 leads per request: let a batch fill.
+        .batched(
+            crate::sync::ingest::CRM_SYNC_KIND,
+            3 * crate::connectors::amocrm::BATCH,
+        )
         .handler(
             crate::sla::alerts::ALERT_KIND,
             crate::sla::alerts::AlertHandler::new(

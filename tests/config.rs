@@ -74,7 +74,7 @@ client_secret = "avito-SECRET-5"
 #[test]
 fn the_built_in_defaults_load_and_validate() {
     let settings = Settings::load_from(None, env(&[])).unwrap();
-    assert_eq!(settings.outbox.concurrency, 64);
+    assert_eq!(settings.outbox.concurrency, 200);
     assert_eq!(
         settings.outbox.retry.schedule.first(),
         Some(&Duration::from_secs(1))

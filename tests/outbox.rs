@@ -1104,3 +1104,97 @@ async fn workers_back_off_while_the_database_drops_connections_and_lose_nothing(
     admin.close().await;
     db.drop_now().await.unwrap();
 }
+
+/// A kind whose handler batches (`EngineBuilder::batched`) may have a batch in
+/// flight on a target whose quota allows only two jobs ahead; other kinds keep
+/// their cap and are not starved; an ordering key's jobs still run one at a
+/// time, oldest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_kind_fills_its_batch_while_other_kinds_and_key_order_hold() {
+    let db = fresh_db().await;
+    let quota = RateQuota {
+        requests: 1,
+        per: Duration::from_secs(1),
+        burst: 1,
+    };
+    // Per request (the handler's client would take the permits): claim cap 2.
+    let limiters = Arc::new(
+        orderbridge::outbox::limits::Limiters::new([]).with_per_request("amocrm:main", quota),
+    );
+    assert_eq!(limiters.claim_cap("amocrm:main", 64), 2);
+    #[derive(Default)]
+    struct Seen {
+        running: HashMap<String, usize>,
+        max_running: HashMap<String, usize>,
+        key_running: HashMap<String, usize>,
+        key_overlap: usize,
+        same_key_order: Vec<i64>,
+    }
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let handler = {
+        let seen = seen.clone();
+        FnHandler(move |job: JobContext| {
+            let seen = seen.clone();
+            async move {
+                {
+                    let mut s = seen.lock().unwrap();
+                    let n = s.running.entry(job.kind.clone()).or_insert(0);
+                    *n += 1;
+                    let n = *n;
+                    let max = s.max_running.entry(job.kind.clone()).or_insert(0);
+                    *max = (*max).max(n);
+                    let k = s.key_running.entry(job.ordering_key.clone()).or_insert(0);
+                    *k += 1;
+                    if *k > 1 {
+                        s.key_overlap += 1;
+                    }
+                    if job.ordering_key == "same" {
+                        let n = job.payload["n"].as_i64().unwrap();
+                        s.same_key_order.push(n);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut s = seen.lock().unwrap();
+                *s.running.get_mut(&job.kind).unwrap() -= 1;
+                *s.key_running.get_mut(&job.ordering_key).unwrap() -= 1;
+                Ok(())
+            }
+        })
+    };
+    let handler = Arc::new(handler);
+    let mut jobs: Vec<NewJob> = (0..40)
+        .map(|i| job("create", "amocrm:main", &format!("order-{i}"), json!({})))
+        .collect();
+    jobs.extend((0..6).map(|n| job("create", "amocrm:main", "same", json!({ "n": n }))));
+    jobs.extend((0..6).map(|i| job("task", "amocrm:main", &format!("task-{i}"), json!({}))));
+    enqueue_all(&db.pool, &jobs).await;
+    let mut config = test_config();
+    config.concurrency = 64;
+    let running = start(
+        Engine::builder(db.pool.clone(), config)
+            .limiters(limiters)
+            .handler("create", handler.clone())
+            .handler("task", handler)
+            .batched("create", 20),
+    );
+    wait_for("all done", Duration::from_secs(30), || async {
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+    })
+    .await;
+    running.stop().await;
+    let s = seen.lock().unwrap();
+    let create = s.max_running["create"];
+    assert!(
+        (15..=20).contains(&create),
+        "a batch of `create` in flight, never more than 20: {create}"
+    );
+    let task = s.max_running["task"];
+    assert!(
+        (1..=2).contains(&task),
+        "`task` keeps the target's claim cap of 2: {task}"
+    );
+    assert_eq!(s.key_overlap, 0, "one job per ordering key at a time");
+    assert_eq!(s.same_key_order, vec![0, 1, 2, 3, 4, 5], "oldest first");
+    drop(s);
+    db.drop_now().await.unwrap();
+}

@@ -8,4 +8,5 @@ pub mod kaspi;
 pub mod kpi;
 pub mod outbox;
 pub mod partner;
+pub mod pipeline;
 pub mod reconcile;

@@ -179,7 +179,10 @@ async fn claim_round(
     }
     let mut maybe_more = false;
     for target in held {
-        let (global_free, target_free) = {
+        // Kinds whose handler batches have an allowance of their own (a
+        // batch), the others the target's claim cap (about two seconds of
+        // its quota), so neither starves the other.
+        let (global_free, plain_free, batch_free) = {
             let state = shared.state();
             let global_free = shared
                 .config
@@ -189,56 +192,92 @@ async fn claim_round(
                 .limiters
                 .claim_cap(&target, shared.config.concurrency);
             let used = state.per_target.get(&target).copied().unwrap_or(0);
-            (global_free, cap.saturating_sub(used))
+            let in_batch = if shared.batch_kinds.is_empty() {
+                0
+            } else {
+                state
+                    .in_flight
+                    .values()
+                    .filter(|j| j.target == target && shared.batch_kinds.contains(&j.kind))
+                    .count()
+            };
+            (
+                global_free,
+                cap.saturating_sub(used - in_batch.min(used)),
+                shared.batch_size.saturating_sub(in_batch),
+            )
         };
         if global_free == 0 {
             break;
         }
-        let want = global_free
-            .min(target_free)
-            .min(shared.config.claim_batch as usize);
-        if want == 0 {
-            continue;
-        }
-        let now = shared.clock.now();
-        let lease_until = shared.lease_until(shared.config.job_lease);
-        let jobs = store::claim(
-            &shared.pool,
-            &target,
-            &shared.owner,
-            now,
-            lease_until,
-            want as i64,
-            &shared.kinds,
-        )
-        .await?;
-        if jobs.len() == want {
-            maybe_more = true;
-        }
-        if jobs.is_empty() {
-            continue;
-        }
-        {
-            let mut state = shared.state();
-            for job in &jobs {
-                state.in_flight.insert(
-                    job.id,
-                    InFlight {
-                        attempt: job.attempts,
-                        target: job.target.clone(),
-                        kind: job.kind.clone(),
-                        started_at: now,
-                        reported: false,
-                    },
-                );
+        for (free, kinds) in [
+            (plain_free, &shared.plain_kinds),
+            (batch_free, &shared.batch_kinds),
+        ] {
+            let global_free = shared
+                .config
+                .concurrency
+                .saturating_sub(shared.state().in_flight.len());
+            let want = global_free
+                .min(free)
+                .min(shared.config.claim_batch as usize);
+            if want > 0
+                && !kinds.is_empty()
+                && claim_into(shared, tasks, finish_tx, &target, want, kinds).await?
+            {
+                maybe_more = true;
             }
-            *state.per_target.entry(target.clone()).or_insert(0) += jobs.len();
-        }
-        for job in jobs {
-            tasks.spawn(run_job(shared.clone(), job, finish_tx.clone()));
         }
     }
     Ok(maybe_more)
+}
+
+/// Claims up to `want` due jobs of `kinds` for `target` and starts them;
+/// whether it got all it wanted (so there may be more).
+async fn claim_into(
+    shared: &Arc<Shared>,
+    tasks: &mut JoinSet<()>,
+    finish_tx: &UnboundedSender<Finished>,
+    target: &str,
+    want: usize,
+    kinds: &[String],
+) -> Result<bool, StoreError> {
+    let now = shared.clock.now();
+    let lease_until = shared.lease_until(shared.config.job_lease);
+    let jobs = store::claim(
+        &shared.pool,
+        target,
+        &shared.owner,
+        now,
+        lease_until,
+        want as i64,
+        kinds,
+    )
+    .await?;
+    let all = jobs.len() == want;
+    if jobs.is_empty() {
+        return Ok(false);
+    }
+    {
+        let mut state = shared.state();
+        for job in &jobs {
+            state.in_flight.insert(
+                job.id,
+                InFlight {
+                    attempt: job.attempts,
+                    target: job.target.clone(),
+                    kind: job.kind.clone(),
+                    started_at: now,
+                    reported: false,
+                },
+            );
+        }
+        *state.per_target.entry(target.to_string()).or_insert(0) += jobs.len();
+    }
+    for job in jobs {
+        tasks.spawn(run_job(shared.clone(), job, finish_tx.clone()));
+    }
+    Ok(all)
 }
 
 /// Runs one claimed job to its outcome and hands that to the finisher.

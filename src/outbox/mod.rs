@@ -202,6 +202,7 @@ pub struct EngineBuilder {
     owner: String,
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     timeouts: HashMap<String, Duration>,
+    batched: HashMap<String, usize>,
     quotas: Vec<(String, RateQuota)>,
     limiters: Option<Arc<Limiters>>,
     clock: Arc<dyn Clock>,
@@ -219,6 +220,18 @@ impl EngineBuilder {
     pub fn long_handler<H: Handler>(mut self, kind: &str, handler: H, timeout: Duration) -> Self {
         self.timeouts.insert(kind.to_string(), timeout);
         self.handler(kind, handler)
+    }
+
+    /// Declares that jobs of `kind` are batched by their handler (e.g. the
+    /// amoCRM writer sends up to 50 leads per request): up to `size` of them
+    /// per target may be claimed and run at once, besides the target's usual
+    /// claim cap (about two seconds of its quota) for its other kinds, so that
+    /// a batch can fill and the other kinds are not starved by a backlog.
+    /// Each job is still claimed, leased, fenced and finished on its own, one
+    /// per ordering key, oldest first.
+    pub fn batched(mut self, kind: &str, size: usize) -> Self {
+        self.batched.insert(kind.to_string(), size.max(1));
+        self
     }
 
     /// Limits a target to a quota.
@@ -256,6 +269,19 @@ impl EngineBuilder {
                 config: self.config,
                 owner: self.owner,
                 kinds: self.handlers.keys().cloned().collect(),
+                plain_kinds: self
+                    .handlers
+                    .keys()
+                    .filter(|k| !self.batched.contains_key(*k))
+                    .cloned()
+                    .collect(),
+                batch_kinds: self
+                    .batched
+                    .keys()
+                    .filter(|k| self.handlers.contains_key(*k))
+                    .cloned()
+                    .collect(),
+                batch_size: self.batched.values().copied().max().unwrap_or(0),
                 handlers: self.handlers,
                 timeouts: self.timeouts,
                 limiters: self
@@ -303,6 +329,12 @@ struct Shared {
     timeouts: HashMap<String, Duration>,
     /// The kinds this replica claims (those it has handlers for).
     kinds: Vec<String>,
+    /// The kinds claimed under the target's claim cap (all but the batched).
+    plain_kinds: Vec<String>,
+    /// Kinds whose handlers batch jobs ([`EngineBuilder::batched`]), and how
+    /// many of them a target may have in flight besides the others.
+    batch_kinds: Vec<String>,
+    batch_size: usize,
     limiters: Arc<Limiters>,
     clock: Arc<dyn Clock>,
     /// Wakes the dispatcher (new work, freed capacity, new targets).
@@ -340,6 +372,7 @@ impl Engine {
             owner: default_owner(),
             handlers: HashMap::new(),
             timeouts: HashMap::new(),
+            batched: HashMap::new(),
             quotas: Vec::new(),
             limiters: None,
             clock: Arc::new(SystemClock),

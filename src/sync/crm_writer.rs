@@ -5,7 +5,9 @@
 //! not wait to fill a batch: whatever queued while the previous request waited
 //! for the account's rate limiter goes into the next one, so a quiet bridge
 //! pays no latency and a busy one gets full batches (design §2: amoCRM ≤7
-//! req/s, batches ≤50).
+//! req/s, batches ≤50). Optionally (`crm_accounts.<name>.batch_fill`, off by
+//! default) a round short of a batch is not sent sooner than that after the
+//! previous request.
 
 use std::collections::VecDeque;
 
@@ -66,8 +68,14 @@ pub struct CrmWriter {
 impl CrmWriter {
     /// Starts the writer task of one account. It ends when every handle is dropped.
     pub fn start(client: AmoClient) -> CrmWriter {
+        CrmWriter::start_filling(client, std::time::Duration::ZERO)
+    }
+
+    /// Like [`CrmWriter::start`], holding a request up to `fill` for more
+    /// writes while it has fewer than a batch.
+    pub fn start_filling(client: AmoClient, fill: std::time::Duration) -> CrmWriter {
         let (ops, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_forever(client, rx));
+        tokio::spawn(write_forever(client, rx, fill));
         CrmWriter { ops }
     }
 
@@ -96,9 +104,14 @@ type CreateWaiter = (
 );
 type UpdateWaiter = (LeadUpdate, oneshot::Sender<Result<(), WriteError>>);
 
-async fn write_forever(client: AmoClient, mut rx: mpsc::UnboundedReceiver<Op>) {
+async fn write_forever(
+    client: AmoClient,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    fill: std::time::Duration,
+) {
     let mut creates: VecDeque<CreateWaiter> = VecDeque::new();
     let mut updates: VecDeque<UpdateWaiter> = VecDeque::new();
+    let mut last_sent = tokio::time::Instant::now() - fill;
     loop {
         if creates.is_empty() && updates.is_empty() {
             match rx.recv().await {
@@ -110,6 +123,18 @@ async fn write_forever(client: AmoClient, mut rx: mpsc::UnboundedReceiver<Op>) {
         while let Ok(op) = rx.try_recv() {
             queue(op, &mut creates, &mut updates);
         }
+        // Short of a batch: wait for more until `fill` after the previous
+        // request (a backlog's jobs keep arriving while the rate limit would
+        // hold the request anyway; a write after a quiet spell goes at once,
+        // and none waits longer than `fill`).
+        let deadline = last_sent + fill;
+        while !fill.is_zero() && creates.len().max(updates.len()) < BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(op)) => queue(op, &mut creates, &mut updates),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        last_sent = tokio::time::Instant::now();
         if !creates.is_empty() {
             let n = creates.len().min(BATCH);
             let batch: Vec<CreateWaiter> = creates.drain(..n).collect();

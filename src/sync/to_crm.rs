@@ -128,6 +128,20 @@ pub const UNASSIGNED_TAG: &str = "без ответственного";
 pub const SUPERVISOR_ROLE: &str = "supervisor";
 
 impl CrmSyncHandler {
+    /// Restarts the accounts' writers holding each request up to the
+    /// account's `fill` for more writes (accounts not named keep theirs).
+    pub fn with_batch_fill(mut self, fill: &BTreeMap<String, std::time::Duration>) -> Self {
+        for (name, client) in &self.clients {
+            if let Some(fill) = fill.get(name) {
+                self.writers.insert(
+                    name.clone(),
+                    CrmWriter::start_filling(client.clone(), *fill),
+                );
+            }
+        }
+        self
+    }
+
     /// Builds the handler and starts one batching writer per CRM account
     /// (needs a tokio runtime).
     pub fn new(

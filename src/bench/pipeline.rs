@@ -1,0 +1,436 @@
+//! `orderbridge bench pipeline`: the daemon as deployed (`run_until` with the
+//! real handlers) against the Kaspi and amoCRM simulators, amoCRM at its real
+//! 7 requests a second. Three phases, one `key: value` line per figure:
+//!
+//! - backlog: `--backlog` (10,000) new Kaspi orders present at start, most of
+//!   them new customers, one in five a repeat customer: `backlog_elapsed_s`
+//!   (daemon start → every order has its lead), `backlog_requests`,
+//!   `backlog_http_429`, `backlog_duplicate_leads`, `backlog_duplicate_contacts`;
+//! - steady: orders arriving at `--rate` (5) a second for `--seconds` (60):
+//!   `to_crm_p50_ms`, `to_crm_p99_ms` (the order visible at Kaspi → its lead
+//!   made, minus the poll interval) and `requests_per_new_order`;
+//! - CRM → marketplace: managers accept leads at 2 a second for `--seconds`:
+//!   `to_marketplace_p50_ms`, `to_marketplace_p99_ms` (the move in amoCRM,
+//!   delivered by webhook → the Kaspi call);
+//!
+//! and `peak_rss_mb`, the daemon's peak resident memory: the daemon runs as
+//! its own process (`orderbridge --config FILE run`, as deployed), the
+//! simulators in this one.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use secrecy::ExposeSecret;
+
+use crate::config::Settings;
+use crate::sim::amocrm::{AmoSim, AmoSimConfig};
+use crate::sim::kaspi::{KaspiSim, KaspiSimConfig, SimOrderSpec};
+use crate::store::ScratchDatabase;
+
+const AMO_TOKEN: &str = "long-lived-bench-token";
+const HOOK_SECRET: &str = "bench-amocrm-hook-secret-0123456";
+const KASPI_MAP: &str = "config/maps/kaspi.toml";
+/// The Kaspi poll interval (subtracted from the to-CRM latency).
+const POLL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineBenchArgs {
+    /// Orders waiting at start.
+    #[arg(long, default_value_t = 10_000)]
+    pub backlog: usize,
+    /// New orders a second in the steady phase.
+    #[arg(long, default_value_t = 5.0)]
+    pub rate: f64,
+    /// Length of the steady and the CRM → marketplace phases.
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+    /// Stop after the backlog.
+    #[arg(long)]
+    pub backlog_only: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineBenchError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn failed(what: impl std::fmt::Display) -> PipelineBenchError {
+    PipelineBenchError::Failed(what.to_string())
+}
+
+pub async fn run(
+    settings: &Settings,
+    args: &PipelineBenchArgs,
+    out: &mut impl Write,
+) -> Result<(), PipelineBenchError> {
+    let admin = settings.database.url.expose_secret().to_string();
+    crate::store::create_database_if_missing(&admin).await?;
+    let db = ScratchDatabase::create(&admin, "orderbridge_bench", 16).await?;
+    let result = measure(&admin, &db, args).await;
+    db.drop_now().await?;
+    for (key, value) in result? {
+        writeln!(out, "{key}: {value}")?;
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[at.min(sorted.len() - 1)]
+}
+
+/// The peak resident set (VmHWM) of process `pid`, in MB.
+fn peak_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn order(i: usize, created_ms: i64) -> SimOrderSpec {
+    // One order in five is a repeat customer (a pool of 200 phones).
+    let phone = if i % 5 == 4 {
+        format!("707{:07}", i % 200)
+    } else {
+        format!("70{:08}", 10_000_000 + i)
+    };
+    SimOrderSpec {
+        customer_phone: phone,
+        customer_name: format!("Покупатель {i}"),
+        ..SimOrderSpec::new(&format!("{}", 600_000_000 + i), created_ms)
+    }
+}
+
+async fn linked(pool: &sqlx::PgPool) -> Result<i64, PipelineBenchError> {
+    sqlx::query_scalar("SELECT count(*) FROM crm_links")
+        .fetch_one(pool)
+        .await
+        .map_err(failed)
+}
+
+async fn measure(
+    admin: &str,
+    db: &ScratchDatabase,
+    args: &PipelineBenchArgs,
+) -> Result<Vec<(&'static str, String)>, PipelineBenchError> {
+    let kaspi = KaspiSim::start(KaspiSimConfig::default()).await?;
+    let amo = AmoSim::start(AmoSimConfig {
+        long_lived_token: Some(AMO_TOKEN.into()),
+        ..AmoSimConfig::default()
+    })
+    .await?;
+    crate::demo::seed_crm_from_maps(&amo, &[std::path::Path::new(KASPI_MAP)]).map_err(failed)?;
+    let now = chrono::Utc::now().timestamp_millis();
+    for i in 0..args.backlog {
+        kaspi.create_order(order(i, now - 3_600_000 + i as i64));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = bench_config(admin, &db.name, &amo, &kaspi, port)?;
+    let pool = db.pool.clone();
+
+    // Backlog.
+    let started = Instant::now();
+    let mut daemon = Daemon::start(&config)?;
+    let limit = Duration::from_secs(1800);
+    while linked(&pool).await? < args.backlog as i64 {
+        daemon.check()?;
+        if started.elapsed() > limit {
+            return Err(failed("the backlog was not done within 30 minutes"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let backlog_s = started.elapsed().as_secs_f64();
+    let backlog_requests = amo.requests().len();
+    let backlog_429 = amo.count_status(429);
+    let mut per_code: BTreeMap<String, usize> = BTreeMap::new();
+    for lead in amo.leads() {
+        if let Some(code) = order_code(&lead.custom_fields_values) {
+            *per_code.entry(code).or_default() += 1;
+        }
+    }
+    let duplicate_leads: usize = per_code.values().map(|n| n.saturating_sub(1)).sum();
+    let mut per_phone: BTreeMap<String, usize> = BTreeMap::new();
+    for contact in amo.contacts() {
+        for phone in contact.phones {
+            let digits: String = phone.chars().filter(char::is_ascii_digit).collect();
+            *per_phone.entry(digits).or_default() += 1;
+        }
+    }
+    let duplicate_contacts: usize = per_phone.values().map(|n| n.saturating_sub(1)).sum();
+    eprintln!(
+        "bench pipeline: backlog of {} done in {backlog_s:.2} s ({backlog_requests} amoCRM requests, {backlog_429} × 429); steady arrivals next",
+        args.backlog
+    );
+
+    if args.backlog_only {
+        daemon.stop();
+        return Ok(vec![
+            ("backlog_orders", args.backlog.to_string()),
+            ("backlog_elapsed_s", format!("{backlog_s:.2}")),
+            ("backlog_requests", backlog_requests.to_string()),
+            ("backlog_http_429", backlog_429.to_string()),
+            ("backlog_duplicate_leads", duplicate_leads.to_string()),
+            ("backlog_duplicate_contacts", duplicate_contacts.to_string()),
+        ]);
+    }
+    // Steady arrivals.
+    let before = amo.requests().len();
+    let interval = Duration::from_secs_f64(1.0 / args.rate.max(0.1));
+    let steady_count = (args.rate * args.seconds as f64).round() as usize;
+    let mut visible: BTreeMap<String, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
+    let mut tick = tokio::time::interval(interval);
+    for n in 0..steady_count {
+        tick.tick().await;
+        let i = args.backlog + n;
+        let at = chrono::Utc::now();
+        let spec = order(i, at.timestamp_millis());
+        visible.insert(spec.code.clone(), at);
+        kaspi.create_order(spec);
+    }
+    let total = (args.backlog + steady_count) as i64;
+    let wait = Instant::now();
+    while linked(&pool).await? < total {
+        if wait.elapsed() > Duration::from_secs(120) {
+            return Err(failed("the steady orders did not all get leads"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let steady_requests = amo.requests().len() - before;
+    let rows: Vec<(String, chrono::DateTime<chrono::Utc>, i64)> = sqlx::query_as(
+        "SELECT o.code, l.created_at, l.lead_id FROM crm_links l JOIN orders o ON o.id = l.order_id
+         WHERE o.code = ANY($1)",
+    )
+    .bind(visible.keys().cloned().collect::<Vec<_>>())
+    .fetch_all(&pool)
+    .await
+    .map_err(failed)?;
+    let mut to_crm: Vec<f64> = rows
+        .iter()
+        .filter_map(|(code, linked_at, _)| {
+            let shown = visible.get(code)?;
+            let ms = (*linked_at - *shown).num_milliseconds() as f64 - POLL.as_millis() as f64;
+            Some(ms.max(0.0))
+        })
+        .collect();
+    to_crm.sort_by(f64::total_cmp);
+
+    // Managers' moves at 2 a second → Kaspi accepts.
+    // The pipeline the shipped Kaspi map puts its leads in.
+    let first_lead = rows
+        .first()
+        .and_then(|(_, _, lead)| amo.lead(*lead as u64))
+        .ok_or_else(|| failed("no steady lead in the simulator"))?;
+    let pipeline = amo
+        .pipelines()
+        .into_iter()
+        .find(|p| p.id == first_lead.pipeline_id)
+        .ok_or_else(|| failed("the steady leads' pipeline is not in the simulator"))?;
+    let accept = pipeline
+        .stages
+        .iter()
+        .find(|(_, n)| n == "В работе / Сборка")
+        .map(|(id, _)| *id)
+        .ok_or_else(|| failed("no accept stage"))?;
+    let manager = amo.seed_user("Менеджер бенчмарка");
+    let moves = (2 * args.seconds) as usize;
+    let mut moved: Vec<(String, Instant)> = Vec::new();
+    let kaspi_before = kaspi.requests().len();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    for (code, _, lead) in rows.iter().take(moves) {
+        tick.tick().await;
+        moved.push((code.clone(), Instant::now()));
+        amo.manager_moves_lead(*lead as u64, pipeline.id, accept, manager);
+    }
+    let order_ids: BTreeMap<String, String> = kaspi
+        .orders()
+        .into_iter()
+        .map(|o| (o.code.clone(), o.id.clone()))
+        .collect();
+    let wait = Instant::now();
+    let mut to_marketplace: Vec<f64> = Vec::new();
+    while wait.elapsed() < Duration::from_secs(60) {
+        let calls: Vec<_> = kaspi.requests()[kaspi_before..]
+            .iter()
+            .filter(|r| r.method == "POST")
+            .cloned()
+            .collect();
+        to_marketplace = moved
+            .iter()
+            .filter_map(|(code, at)| {
+                let id = order_ids.get(code)?;
+                let call = calls.iter().find(|r| r.body.contains(id.as_str()))?;
+                Some(call.at.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        if to_marketplace.len() == moved.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    to_marketplace.sort_by(f64::total_cmp);
+    let rss = peak_rss_mb(daemon.pid());
+    daemon.stop();
+    Ok(vec![
+        ("backlog_orders", args.backlog.to_string()),
+        ("backlog_elapsed_s", format!("{backlog_s:.2}")),
+        ("backlog_requests", backlog_requests.to_string()),
+        ("backlog_http_429", backlog_429.to_string()),
+        ("backlog_duplicate_leads", duplicate_leads.to_string()),
+        ("backlog_duplicate_contacts", duplicate_contacts.to_string()),
+        ("to_crm_p50_ms", format!("{:.0}", percentile(&to_crm, 0.5))),
+        ("to_crm_p99_ms", format!("{:.0}", percentile(&to_crm, 0.99))),
+        (
+            "to_marketplace_p50_ms",
+            format!("{:.0}", percentile(&to_marketplace, 0.5)),
+        ),
+        (
+            "to_marketplace_p99_ms",
+            format!("{:.0}", percentile(&to_marketplace, 0.99)),
+        ),
+        (
+            "to_marketplace_moves",
+            format!("{}/{}", to_marketplace.len(), moved.len()),
+        ),
+        ("peak_rss_mb", format!("{rss:.1}")),
+        (
+            "requests_per_new_order",
+            format!("{:.3}", steady_requests as f64 / steady_count.max(1) as f64),
+        ),
+    ])
+}
+
+/// The order code a lead carries in its order-code field.
+fn order_code(fields: &serde_json::Value) -> Option<String> {
+    fields.as_array()?.iter().find_map(|f| {
+        (f["field_name"].as_str() == Some("Номер заказа"))
+            .then(|| f["values"][0]["value"].as_str().map(str::to_string))
+            .flatten()
+    })
+}
+
+/// The daemon under measurement: `orderbridge --config FILE run` as a child
+/// process; stopped (SIGTERM, then killed) when dropped.
+struct Daemon {
+    child: std::process::Child,
+    config: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &std::path::Path) -> Result<Daemon, PipelineBenchError> {
+        let exe = std::env::current_exe()?;
+        let child = std::process::Command::new(exe)
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env("RUST_LOG", "error")
+            .env_remove("DATABASE_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()?;
+        Ok(Daemon {
+            child,
+            config: config.to_path_buf(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails when the daemon exited.
+    fn check(&mut self) -> Result<(), PipelineBenchError> {
+        match self.child.try_wait()? {
+            Some(status) => Err(failed(format!("the daemon exited: {status}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// Writes the daemon's configuration file; its path.
+fn bench_config(
+    admin: &str,
+    database: &str,
+    amo: &AmoSim,
+    kaspi: &KaspiSim,
+    port: u16,
+) -> Result<std::path::PathBuf, PipelineBenchError> {
+    let mut url = reqwest::Url::parse(admin).map_err(failed)?;
+    url.set_path(&format!("/{database}"));
+    let text = format!(
+        r#"
+[database]
+url = "{url}"
+max_connections = 16
+[http]
+listen = "127.0.0.1:{port}"
+public_url = "http://127.0.0.1:{port}"
+[crm_accounts.main]
+base_url = "{amo}"
+subdomain = "example"
+account_id = 31361463
+webhook_secret = "{HOOK_SECRET}"
+[crm_accounts.main.auth]
+mode = "long_lived"
+token = "{AMO_TOKEN}"
+[shops.kaspi_bench]
+marketplace = "kaspi"
+crm_account = "main"
+map = "{KASPI_MAP}"
+base_url = "{kaspi}"
+poll_interval = "{poll}s"
+token = "kaspi-test-token"
+"#,
+        amo = amo.base_url(),
+        kaspi = kaspi.base_url(),
+        poll = POLL.as_secs(),
+    );
+    let path = std::env::temp_dir().join(format!(
+        "orderbridge-bench-pipeline-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, text)?;
+    // Refused here with its reasons rather than by the child.
+    Settings::load_from(Some(&path), Vec::<(String, String)>::new()).map_err(failed)?;
+    Ok(path)
+}
