@@ -1182,19 +1182,20 @@ async fn a_batched_kind_fills_its_batch_while_other_kinds_and_key_order_hold() {
     })
     .await;
     running.stop().await;
-    let s = seen.lock().unwrap();
-    let create = s.max_running["create"];
-    assert!(
-        (15..=20).contains(&create),
-        "a batch of `create` in flight, never more than 20: {create}"
-    );
-    let task = s.max_running["task"];
-    assert!(
-        (1..=2).contains(&task),
-        "`task` keeps the target's claim cap of 2: {task}"
-    );
-    assert_eq!(s.key_overlap, 0, "one job per ordering key at a time");
-    assert_eq!(s.same_key_order, vec![0, 1, 2, 3, 4, 5], "oldest first");
-    drop(s);
+    {
+        let s = seen.lock().unwrap();
+        let create = s.max_running["create"];
+        assert!(
+            (15..=20).contains(&create),
+            "a batch of `create` in flight, never more than 20: {create}"
+        );
+        let task = s.max_running["task"];
+        assert!(
+            (1..=2).contains(&task),
+            "`task` keeps the target's claim cap of 2: {task}"
+        );
+        assert_eq!(s.key_overlap, 0, "one job per ordering key at a time");
+        assert_eq!(s.same_key_order, vec![0, 1, 2, 3, 4, 5], "oldest first");
+    }
     db.drop_now().await.unwrap();
 }
