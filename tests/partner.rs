@@ -285,12 +285,29 @@ async fn a_partner_lead_becomes_a_full_lead_and_every_move_is_reported_in_order(
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     let expected = ["accepted", "contacted", "price_agreed", "bought", "listed"];
-    wait_for(
-        "every report at the partner",
-        Duration::from_secs(30),
-        || async { w.partner.statuses_of("AV-77001").len() >= expected.len() },
-    )
+    let reached = tokio::time::timeout(Duration::from_secs(30), async {
+        while w.partner.statuses_of("AV-77001").len() < expected.len() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
     .await;
+    assert!(
+        reached.is_ok(),
+        "the partner has {:?}; inbox: {:?}; reports: {:?}",
+        w.partner.statuses_of("AV-77001"),
+        sqlx::query_as::<_, (String, Option<String>)>(
+            "SELECT kind, outcome FROM inbox ORDER BY id"
+        )
+        .fetch_all(&w.db.pool)
+        .await
+        .unwrap(),
+        sqlx::query_as::<_, (String, Option<String>, Option<i32>)>(
+            "SELECT partner_status, answer, http_status FROM partner_reports ORDER BY id"
+        )
+        .fetch_all(&w.db.pool)
+        .await
+        .unwrap(),
+    );
     assert_eq!(w.partner.statuses_of("AV-77001"), expected);
     let stats = w.partner.stats();
     assert_eq!((stats.http_429, stats.out_of_order), (0, 0), "{stats:?}");

@@ -10,3 +10,87 @@ pub mod outbox;
 pub mod partner;
 pub mod pipeline;
 pub mod reconcile;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use secrecy::ExposeSecret;
+
+use crate::store::ScratchDatabase;
+
+/// What a benchmark of the daemon as deployed can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub(crate) fn failed(what: impl std::fmt::Display) -> BenchError {
+    BenchError::Failed(what.to_string())
+}
+
+/// Runs a benchmark in a scratch database on the configured server (dropped
+/// afterwards, also when the benchmark fails) and prints its figures.
+pub(crate) async fn in_scratch_database(
+    settings: &crate::config::Settings,
+    out: &mut impl Write,
+    measure: impl AsyncFnOnce(&str, &ScratchDatabase) -> Result<Vec<(&'static str, String)>, BenchError>,
+) -> Result<(), BenchError> {
+    let admin = settings.database.url.expose_secret().to_string();
+    crate::store::create_database_if_missing(&admin).await?;
+    let db = ScratchDatabase::create(&admin, "orderbridge_bench", 16).await?;
+    let result = measure(&admin, &db).await;
+    db.drop_now().await?;
+    for (key, value) in result? {
+        writeln!(out, "{key}: {value}")?;
+    }
+    Ok(())
+}
+
+/// Writes a benchmark daemon's configuration (`[database]` pointing at
+/// `database` on the server of `admin`, then `text`), checked by loading it;
+/// its path.
+pub(crate) fn config_file(
+    tag: &str,
+    admin: &str,
+    database: &str,
+    text: &str,
+) -> Result<std::path::PathBuf, BenchError> {
+    let mut url = reqwest::Url::parse(admin).map_err(failed)?;
+    url.set_path(&format!("/{database}"));
+    let path = std::env::temp_dir().join(format!(
+        "orderbridge-bench-{tag}-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &path,
+        format!("[database]\nurl = \"{url}\"\nmax_connections = 16\n{text}"),
+    )?;
+    crate::config::Settings::load_from(Some(&path), Vec::<(String, String)>::new())
+        .map_err(failed)?;
+    Ok(path)
+}
+
+/// Polls `done` every 100 ms until it holds, or fails after `limit`.
+pub(crate) async fn wait_until<F, Fut>(
+    what: &str,
+    limit: Duration,
+    mut done: F,
+) -> Result<(), BenchError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !done().await {
+        if started.elapsed() > limit {
+            return Err(failed(format!("timed out waiting for {what}")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

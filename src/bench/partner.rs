@@ -10,10 +10,9 @@
 //! arrived out of sequence).
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use secrecy::ExposeSecret;
-
+use super::{config_file, failed, in_scratch_database, wait_until, BenchError};
 use crate::config::Settings;
 use crate::sim::amocrm::{AmoSim, AmoSimConfig};
 use crate::sim::partner::{PartnerSim, PartnerSimConfig};
@@ -23,7 +22,7 @@ const AMO_TOKEN: &str = "long-lived-bench-token";
 const SECRET: &str = "bench-partner-secret-0001";
 /// The stages a lead is moved through after its intake, each reporting a
 /// partner status (per the shipped map).
-fn reporting_moves() -> Result<Vec<&'static str>, PartnerBenchError> {
+fn reporting_moves() -> Result<Vec<&'static str>, BenchError> {
     let path = std::path::Path::new("config/maps/buyout.toml");
     let (map, _) = crate::mapping::funnel::load_funnel(path).map_err(failed)?;
     let funnel = crate::mapping::FunnelMap::offline("config/maps/buyout.toml", &map);
@@ -52,60 +51,22 @@ pub struct PartnerBenchArgs {
     pub per_second: u32,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum PartnerBenchError {
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Failed(String),
-}
-
-fn failed(what: impl std::fmt::Display) -> PartnerBenchError {
-    PartnerBenchError::Failed(what.to_string())
-}
-
 pub async fn run(
     settings: &Settings,
     args: &PartnerBenchArgs,
     out: &mut impl Write,
-) -> Result<(), PartnerBenchError> {
-    let admin = settings.database.url.expose_secret().to_string();
-    crate::store::create_database_if_missing(&admin).await?;
-    let db = ScratchDatabase::create(&admin, "orderbridge_bench", 16).await?;
-    let result = measure(&admin, &db, args).await;
-    db.drop_now().await?;
-    for (key, value) in result? {
-        writeln!(out, "{key}: {value}")?;
-    }
-    Ok(())
-}
-
-async fn wait_until<F, Fut>(
-    what: &str,
-    limit: Duration,
-    mut done: F,
-) -> Result<(), PartnerBenchError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !done().await {
-        if started.elapsed() > limit {
-            return Err(failed(format!("timed out waiting for {what}")));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
+) -> Result<(), BenchError> {
+    in_scratch_database(settings, out, async |admin, db| {
+        measure(admin, db, args).await
+    })
+    .await
 }
 
 async fn measure(
     admin: &str,
     db: &ScratchDatabase,
     args: &PartnerBenchArgs,
-) -> Result<Vec<(&'static str, String)>, PartnerBenchError> {
+) -> Result<Vec<(&'static str, String)>, BenchError> {
     let all_moves = reporting_moves()?;
     let moves = args.moves.min(all_moves.len());
     let per_second = args.per_second.max(1);
@@ -126,7 +87,7 @@ async fn measure(
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let settings = bench_settings(admin, &db.name, &amo, &partner, port)?;
+    let settings = bench_config(admin, &db.name, &amo, &partner, port)?;
     let stop = tokio_util::sync::CancellationToken::new();
     let daemon = tokio::spawn(crate::daemon::run_until(settings, true, stop.clone()));
     let ready = format!("http://127.0.0.1:{port}/readyz");
@@ -234,20 +195,15 @@ async fn measure(
     ])
 }
 
-fn bench_settings(
+fn bench_config(
     admin: &str,
     database: &str,
     amo: &AmoSim,
     partner: &PartnerSim,
     port: u16,
-) -> Result<Settings, PartnerBenchError> {
-    let mut url = reqwest::Url::parse(admin).map_err(failed)?;
-    url.set_path(&format!("/{database}"));
+) -> Result<Settings, BenchError> {
     let text = format!(
         r#"
-[database]
-url = "{url}"
-max_connections = 16
 [http]
 listen = "127.0.0.1:{port}"
 [telemetry]
@@ -266,11 +222,7 @@ token = "{AMO_TOKEN}"
         amo = amo.base_url(),
         partner_toml = partner.source_toml("buyout", "main", "config/maps/buyout.toml", SECRET, ""),
     );
-    let path = std::env::temp_dir().join(format!(
-        "orderbridge-bench-partner-{}.toml",
-        std::process::id()
-    ));
-    std::fs::write(&path, text)?;
+    let path = config_file("partner", admin, database, &text)?;
     let settings = Settings::load_from(Some(&path), Vec::<(String, String)>::new()).map_err(failed);
     let _ = std::fs::remove_file(&path);
     settings

@@ -21,8 +21,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use secrecy::ExposeSecret;
-
+use super::{config_file, failed, in_scratch_database, BenchError};
 use crate::config::Settings;
 use crate::sim::amocrm::{AmoSim, AmoSimConfig};
 use crate::sim::kaspi::{KaspiSim, KaspiSimConfig, SimOrderSpec};
@@ -50,34 +49,15 @@ pub struct PipelineBenchArgs {
     pub backlog_only: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineBenchError {
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Failed(String),
-}
-
-fn failed(what: impl std::fmt::Display) -> PipelineBenchError {
-    PipelineBenchError::Failed(what.to_string())
-}
-
 pub async fn run(
     settings: &Settings,
     args: &PipelineBenchArgs,
     out: &mut impl Write,
-) -> Result<(), PipelineBenchError> {
-    let admin = settings.database.url.expose_secret().to_string();
-    crate::store::create_database_if_missing(&admin).await?;
-    let db = ScratchDatabase::create(&admin, "orderbridge_bench", 16).await?;
-    let result = measure(&admin, &db, args).await;
-    db.drop_now().await?;
-    for (key, value) in result? {
-        writeln!(out, "{key}: {value}")?;
-    }
-    Ok(())
+) -> Result<(), BenchError> {
+    in_scratch_database(settings, out, async |admin, db| {
+        measure(admin, db, args).await
+    })
+    .await
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -116,7 +96,7 @@ fn order(i: usize, created_ms: i64) -> SimOrderSpec {
     }
 }
 
-async fn linked(pool: &sqlx::PgPool) -> Result<i64, PipelineBenchError> {
+async fn linked(pool: &sqlx::PgPool) -> Result<i64, BenchError> {
     sqlx::query_scalar("SELECT count(*) FROM crm_links")
         .fetch_one(pool)
         .await
@@ -127,7 +107,7 @@ async fn measure(
     admin: &str,
     db: &ScratchDatabase,
     args: &PipelineBenchArgs,
-) -> Result<Vec<(&'static str, String)>, PipelineBenchError> {
+) -> Result<Vec<(&'static str, String)>, BenchError> {
     let kaspi = KaspiSim::start(KaspiSimConfig::default()).await?;
     let amo = AmoSim::start(AmoSimConfig {
         long_lived_token: Some(AMO_TOKEN.into()),
@@ -333,7 +313,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(config: &std::path::Path) -> Result<Daemon, PipelineBenchError> {
+    fn start(config: &std::path::Path) -> Result<Daemon, BenchError> {
         let exe = std::env::current_exe()?;
         let child = std::process::Command::new(exe)
             .arg("--config")
@@ -355,7 +335,7 @@ impl Daemon {
     }
 
     /// Fails when the daemon exited.
-    fn check(&mut self) -> Result<(), PipelineBenchError> {
+    fn check(&mut self) -> Result<(), BenchError> {
         match self.child.try_wait()? {
             Some(status) => Err(failed(format!("the daemon exited: {status}"))),
             None => Ok(()),
@@ -394,14 +374,9 @@ fn bench_config(
     amo: &AmoSim,
     kaspi: &KaspiSim,
     port: u16,
-) -> Result<std::path::PathBuf, PipelineBenchError> {
-    let mut url = reqwest::Url::parse(admin).map_err(failed)?;
-    url.set_path(&format!("/{database}"));
+) -> Result<std::path::PathBuf, BenchError> {
     let text = format!(
         r#"
-[database]
-url = "{url}"
-max_connections = 16
 [http]
 listen = "127.0.0.1:{port}"
 public_url = "http://127.0.0.1:{port}"
@@ -425,12 +400,5 @@ token = "kaspi-test-token"
         kaspi = kaspi.base_url(),
         poll = POLL.as_secs(),
     );
-    let path = std::env::temp_dir().join(format!(
-        "orderbridge-bench-pipeline-{}.toml",
-        std::process::id()
-    ));
-    std::fs::write(&path, text)?;
-    // Refused here with its reasons rather than by the child.
-    Settings::load_from(Some(&path), Vec::<(String, String)>::new()).map_err(failed)?;
-    Ok(path)
+    config_file("pipeline", admin, database, &text)
 }

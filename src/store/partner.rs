@@ -94,9 +94,7 @@ pub async fn set_crm_lead(
     status_id: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE partner_leads SET lead_id = $2, contact_id = $3, status_id = $4,
-                changed_at = COALESCE(changed_at, extract(epoch FROM now())::bigint)
-         WHERE id = $1",
+        "UPDATE partner_leads SET lead_id = $2, contact_id = $3, status_id = $4 WHERE id = $1",
     )
     .bind(id)
     .bind(lead_id)
