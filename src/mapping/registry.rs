@@ -123,6 +123,33 @@ async fn directories(
     found
 }
 
+/// A valid map resolved against its CRM account's directory; offline when the
+/// account could not be read (the reason kept in `unresolved`) or has no
+/// client here (offline validation, e.g. `check-config`); `None` when the
+/// live CRM contradicts the map (its problems added to `problems`).
+fn routing_for<R>(
+    directories: &BTreeMap<String, Result<CrmDirectory, String>>,
+    crm_account: &str,
+    (unresolved, problems): (&mut BTreeMap<String, String>, &mut Vec<String>),
+    online: impl FnOnce(&CrmDirectory) -> Result<R, Vec<super::MapIssue>>,
+    offline: impl FnOnce() -> R,
+) -> Option<R> {
+    match directories.get(crm_account) {
+        Some(Ok(directory)) => match online(directory) {
+            Ok(routing) => Some(routing),
+            Err(issues) => {
+                problems.extend(issues.into_iter().map(|i| i.to_string()));
+                None
+            }
+        },
+        Some(Err(problem)) => {
+            unresolved.insert(crm_account.to_string(), problem.clone());
+            Some(offline())
+        }
+        None => Some(offline()),
+    }
+}
+
 /// Loads and validates every map; all problems, or the new set.
 async fn build(
     sources: &[MapSource],
@@ -146,22 +173,16 @@ async fn build(
             problems.extend(issues.into_iter().map(|i| i.to_string()));
             continue;
         }
-        let routing = match directories.get(&source.crm_account) {
-            Some(Ok(directory)) => match resolve_funnel(&file, &text, &map, directory) {
-                Ok(routing) => routing,
-                Err(issues) => {
-                    problems.extend(issues.into_iter().map(|i| i.to_string()));
-                    continue;
-                }
-            },
-            Some(Err(problem)) => {
-                set.unresolved
-                    .insert(source.crm_account.clone(), problem.clone());
-                FunnelMap::offline(&file, &map)
-            }
-            None => FunnelMap::offline(&file, &map),
-        };
-        set.funnels.insert(source.source.clone(), Arc::new(routing));
+        let routing = routing_for(
+            &directories,
+            &source.crm_account,
+            (&mut set.unresolved, &mut problems),
+            |directory| resolve_funnel(&file, &text, &map, directory),
+            || FunnelMap::offline(&file, &map),
+        );
+        if let Some(routing) = routing {
+            set.funnels.insert(source.source.clone(), Arc::new(routing));
+        }
     }
     // (CRM account, field name) → (file, slot, option labels when the map has them).
     let mut shared_fields: SharedFields = BTreeMap::new();
@@ -203,23 +224,16 @@ async fn build(
                 }
             }
         }
-        let routing = match directories.get(&source.crm_account) {
-            Some(Ok(directory)) => match resolve_online(&file, &text, &map, directory) {
-                Ok(routing) => routing,
-                Err(issues) => {
-                    problems.extend(issues.into_iter().map(|i| i.to_string()));
-                    continue;
-                }
-            },
-            Some(Err(problem)) => {
-                set.unresolved
-                    .insert(source.crm_account.clone(), problem.clone());
-                RoutingMap::offline(&file, &map)
-            }
-            // No client for it (offline validation, e.g. `check-config`).
-            None => RoutingMap::offline(&file, &map),
-        };
-        set.shops.insert(source.shop.clone(), Arc::new(routing));
+        let routing = routing_for(
+            &directories,
+            &source.crm_account,
+            (&mut set.unresolved, &mut problems),
+            |directory| resolve_online(&file, &text, &map, directory),
+            || RoutingMap::offline(&file, &map),
+        );
+        if let Some(routing) = routing {
+            set.shops.insert(source.shop.clone(), Arc::new(routing));
+        }
     }
     problems.extend(disagreeing_fields(&shared_fields));
     if problems.is_empty() {
