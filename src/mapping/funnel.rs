@@ -15,7 +15,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::model::{line_of, MapError, PipelineRef, RoleDef};
-use super::resolve::{offline_roles, resolve_roles, same, value_text, CrmDirectory, Role};
+use super::resolve::{
+    find_pipeline, offline_roles, resolve_roles, same, value_text, CrmDirectory, Role,
+};
 use super::validate::{check_role_and_sla, check_roles, parse_sla, placeholders, MapIssue};
 
 /// A funnel map as written.
@@ -166,7 +168,7 @@ pub fn validate_funnel(file: &str, text: &str, map: &FunnelFile) -> Vec<MapIssue
             line: line_of(text, span.start),
             key,
             message,
-        });
+        })
     };
     let role_names: Vec<&str> = map.roles.keys().map(|k| k.get_ref().as_str()).collect();
     check_roles(&map.roles, &mut bad);
@@ -340,24 +342,7 @@ pub fn resolve_funnel(
             message,
         })
     };
-    let wanted = map.pipeline.get_ref().name.get_ref();
-    let Some(pipeline) = crm.pipelines.iter().find(|p| match wanted {
-        toml::Value::Integer(id) => p.id == *id as u64,
-        other => same(&p.name, &value_text(other)),
-    }) else {
-        bad(
-            map.pipeline.get_ref().name.span(),
-            "pipeline.name".into(),
-            format!(
-                "the CRM has no pipeline `{}`; it has: {}",
-                value_text(wanted),
-                crm.pipelines
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        );
+    let Some(pipeline) = find_pipeline(&map.pipeline, crm, &mut bad) else {
         return Err(issues);
     };
     routing.pipeline_id = Some(pipeline.id);

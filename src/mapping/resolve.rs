@@ -264,6 +264,36 @@ pub struct CrmDirectory {
     pub lead_fields: Vec<CustomField>,
 }
 
+/// The live pipeline a map names (by name or id); `None` after reporting
+/// what the CRM has instead.
+pub(super) fn find_pipeline<'c>(
+    wanted: &toml::Spanned<super::model::PipelineRef>,
+    crm: &'c CrmDirectory,
+    bad: &mut impl FnMut(std::ops::Range<usize>, String, String),
+) -> Option<&'c Pipeline> {
+    let name = wanted.get_ref().name.get_ref();
+    let found = crm.pipelines.iter().find(|p| match name {
+        toml::Value::Integer(id) => p.id == *id as u64,
+        other => same(&p.name, &value_text(other)),
+    });
+    if found.is_none() {
+        bad(
+            wanted.get_ref().name.span(),
+            "pipeline.name".into(),
+            format!(
+                "the CRM has no pipeline `{}`; it has: {}",
+                value_text(name),
+                crm.pipelines
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
+    found
+}
+
 pub(super) fn same(a: &str, b: &str) -> bool {
     a.trim().to_lowercase() == b.trim().to_lowercase()
 }
@@ -294,21 +324,7 @@ pub fn resolve_online(
     };
 
     // The pipeline, by name or id.
-    let wanted = map.pipeline.get_ref().name.get_ref();
-    let pipeline = crm.pipelines.iter().find(|p| match wanted {
-        toml::Value::Integer(id) => p.id == *id as u64,
-        other => same(&p.name, &value_text(other)),
-    });
-    let Some(pipeline) = pipeline else {
-        bad(
-            map.pipeline.get_ref().name.span(),
-            "pipeline.name".into(),
-            format!(
-                "the CRM has no pipeline `{}`; it has: {}",
-                value_text(wanted),
-                list(crm.pipelines.iter().map(|p| p.name.clone()).collect())
-            ),
-        );
+    let Some(pipeline) = find_pipeline(&map.pipeline, crm, &mut bad) else {
         return Err(issues);
     };
     routing.pipeline_id = Some(pipeline.id);
