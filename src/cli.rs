@@ -1,5 +1,5 @@
 //! The command line (clap): `run`, `demo`, `migrate`, `check-config`,
-//! `reconcile`, `kpi`, `order`, `settle`, `dlq`, `circuit`, `map`, `bench`.
+//! `reconcile`, `kpi`, `order`, `settle`, `dlq`, `circuit`, `map`, `bench`, `prove`.
 //! Each command loads and validates the configuration first; nothing starts on
 //! an invalid one.
 
@@ -128,6 +128,20 @@ pub enum Command {
         #[command(subcommand)]
         which: BenchWhich,
     },
+    /// Prove a promise under fire (crashes, faults, load); prints `key:
+    /// value` lines and exits 1 naming every promise broken.
+    Prove {
+        #[command(subcommand)]
+        which: ProveWhich,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProveWhich {
+    /// SIGKILL the daemon at random moments while orders and managers' moves
+    /// flow; every order one lead in its stage, every move at Kaspi once.
+    /// `--replicas 3`: three daemons on one database, a random one killed.
+    Crash(crate::prove::crash::CrashArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -423,6 +437,11 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             which: BenchWhich::Reconcile(args),
         } => {
             crate::bench::reconcile::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Prove {
+            which: ProveWhich::Crash(args),
+        } => {
+            crate::prove::crash::run(&settings, &args, &mut std::io::stdout()).await?;
         }
         Command::Bench {
             which: BenchWhich::Pipeline(args),

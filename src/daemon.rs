@@ -309,7 +309,12 @@ pub fn limiters(settings: &Settings) -> Arc<Limiters> {
         }
     }
     for (name, crm) in &settings.crm_accounts {
-        limiters = limiters.with_per_request(format!("amocrm:{name}"), crm.rate_limit);
+        limiters = limiters
+            .with_per_request(format!("amocrm:{name}"), crm.rate_limit)
+            .with_margin(
+                format!("amocrm:{name}"),
+                crate::connectors::amocrm::RATE_MARGIN,
+            );
     }
     // Partner reports and polls: a permit of both the per-second and the
     // per-minute limit per request, taken by the partner's client.
@@ -692,7 +697,8 @@ pub async fn start_pollers(
                     format!("kaspi_poller:{name}"),
                     shutdown.clone(),
                     move || {
-                        let poller = KaspiPoller::new(client.clone(), pool.clone(), target.clone());
+                        let poller = KaspiPoller::new(client.clone(), pool.clone(), target.clone())
+                            .with_newest_every(interval);
                         let (lease, stop) = (lease.clone(), stop.clone());
                         async move {
                             crate::sync::every_while_leased(lease, interval, stop, || async {
@@ -1045,11 +1051,19 @@ pub async fn amocrm_clients(
             timeout: crm.request_timeout,
             circuit_cooldown: crm.circuit_cooldown,
         };
+        // Every replica on this database shares the account's request slots:
+        // amoCRM counts the account's requests, whichever process sends them.
+        let spacing = crm
+            .rate_limit
+            .per
+            .mul_f64(crate::connectors::amocrm::RATE_MARGIN)
+            / crm.rate_limit.requests.max(1);
         let client = AmoClient::new(
             account.clone(),
             pool.clone(),
             limiters.limiter(&account.target()),
-        )?;
+        )?
+        .with_shared_slots(spacing);
         if let Some(refresh) = seed {
             if client.seed_refresh_token(&refresh).await? {
                 tracing::info!(account = %name, "Seeded the OAuth token table from auth.initial_refresh_token.");

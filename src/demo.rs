@@ -380,6 +380,18 @@ client_secret = "{client_secret}"
     settings
 }
 
+/// Every secret the demo configures (tokens, the Avito client secret, the
+/// webhook path secrets): what must never appear in a log line.
+pub fn configured_secrets() -> Vec<String> {
+    vec![
+        AMO_TOKEN.to_string(),
+        HOOK_SECRET.to_string(),
+        "kaspi-test-token".to_string(),
+        AvitoSimConfig::default().client_secret,
+        PARTNER_SECRET.to_string(),
+    ]
+}
+
 async fn wait_ready(listen: SocketAddr) -> Result<(), DemoError> {
     let started = std::time::Instant::now();
     let mut last = String::from("no answer");

@@ -31,6 +31,7 @@ pub mod domain;
 pub mod http;
 pub mod mapping;
 pub mod outbox;
+pub mod prove;
 pub mod reports;
 pub mod sim;
 pub mod sla;

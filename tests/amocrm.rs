@@ -322,6 +322,69 @@ async fn a_thousand_calls_make_no_429_and_use_the_budget() {
     s.finish().await;
 }
 
+/// Three replicas, each its own process-local limiter at 7/s, share the
+/// account's request slots through the database: together they stay within
+/// amoCRM's 7 a second (each alone would send 7), with no 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sharing_request_slots_stay_within_the_accounts_seven_a_second() {
+    let s = Setup::new(AmoSimConfig::default()).await;
+    let spacing = Duration::from_secs(1).mul_f64(orderbridge::connectors::amocrm::RATE_MARGIN) / 7;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        // A limiter of its own per replica, as separate processes have.
+        let own = Limiters::new([]).with_per_request("amocrm:main", SEVEN_PER_SECOND);
+        let client = AmoClient::new(
+            s.account(oauth(&s.config)),
+            s.db.pool.clone(),
+            own.limiter("amocrm:main"),
+        )
+        .unwrap()
+        .with_shared_slots(spacing);
+        client
+            .seed_refresh_token(&SecretString::from(s.config.initial_refresh_token.clone()))
+            .await
+            .unwrap();
+        replicas.push(client);
+    }
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (r, client) in replicas.into_iter().enumerate() {
+        for worker in 0..3u64 {
+            let client = client.clone();
+            tasks.spawn(async move {
+                for i in 0..10u64 {
+                    let id = 2_000_000 + r as u64 * 10_000 + worker * 100 + i;
+                    assert!(client.lead(id).await.unwrap().is_none());
+                }
+            });
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(s.sim.count_status(429), 0, "no request over the limit");
+    let mut times: Vec<Instant> = s.sim.requests().iter().map(|r| r.at).collect();
+    times.sort();
+    let busiest = (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| t.duration_since(times[i]) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(busiest <= 7, "{busiest} requests in one second");
+    let calls = s.sim.requests().len() as f64;
+    assert!(
+        calls / elapsed >= 0.85 * 7.0,
+        "the replicas together use the budget: {:.2} req/s",
+        calls / elapsed
+    );
+    s.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_is_retried_after_the_servers_retry_after() {
     let s = Setup::new(AmoSimConfig::default()).await;

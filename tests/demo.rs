@@ -10,8 +10,38 @@ use std::time::Duration;
 use common::admin_url;
 use orderbridge::demo::{DemoOptions, Finished};
 
+/// Everything logged in this test binary (every crate, debug level; the
+/// simulators' own lines left out), as JSON lines.
+fn captured_logs() -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter("debug,orderbridge::sim=off")
+        .with_writer(move || LogSink(sink.clone()))
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+    logs
+}
+
+struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_at_high_speed_keeps_one_lead_per_order_and_one_action_per_move() {
+    let logs = captured_logs();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -129,6 +159,33 @@ async fn the_demo_at_high_speed_keeps_one_lead_per_order_and_one_action_per_move
         wrong.is_empty(),
         "leads not in their order's stage: {wrong:#?}"
     );
+    // No secret and no buyer's phone in any log line of the whole run.
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logs.lines().count() > 100,
+        "the run was logged ({} lines)",
+        logs.lines().count()
+    );
+    for secret in orderbridge::demo::configured_secrets() {
+        assert!(!logs.contains(&secret), "a secret is in the logs");
+    }
+    let phones: Vec<String> = world
+        .amo
+        .contacts()
+        .into_iter()
+        .flat_map(|c| c.phones)
+        .map(|p| p.chars().filter(char::is_ascii_digit).collect::<String>())
+        .filter(|digits| digits.len() >= 10)
+        .collect();
+    assert!(phones.len() >= 10, "buyers' phones to look for");
+    for digits in &phones {
+        let national = &digits[digits.len() - 10..];
+        assert!(
+            !logs.contains(national),
+            "a buyer's phone (…{}) is in the logs",
+            &national[6..]
+        );
+    }
     let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
     sqlx::query(&format!(
         "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"

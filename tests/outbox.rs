@@ -1199,3 +1199,84 @@ async fn a_batched_kind_fills_its_batch_while_other_kinds_and_key_order_hold() {
     }
     db.drop_now().await.unwrap();
 }
+
+/// A batch is claimed together but fenced one by one: when one member's
+/// lease is lost (its renewal did not happen; another replica reaped and took
+/// it), the batch's outcome finishes the other members and not that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_member_whose_lease_was_lost_is_not_finished_by_the_batch() {
+    let db = fresh_db().await;
+    let jobs: Vec<NewJob> = (0..5)
+        .map(|i| job("create", "amocrm:main", &format!("order-{i}"), json!({})))
+        .collect();
+    enqueue_all(&db.pool, &jobs).await;
+    let t0 = chrono::Utc::now();
+    let secs = chrono::Duration::seconds;
+    let kinds = ["create".to_string()];
+    store::acquire_targets(&db.pool, "a", t0, t0 + secs(1), 1)
+        .await
+        .unwrap();
+    let batch = store::claim(&db.pool, "amocrm:main", "a", t0, t0 + secs(1), 50, &kinds)
+        .await
+        .unwrap();
+    assert_eq!(batch.len(), 5, "the whole batch in one claim");
+    // a's heartbeat renews four of them; the last one's lease runs out.
+    let lost = batch[4].id;
+    let renewed: Vec<(i64, i32)> = batch[..4].iter().map(|j| (j.id, j.attempts)).collect();
+    assert_eq!(
+        store::renew_job_leases(&db.pool, "a", &renewed, t0 + secs(60))
+            .await
+            .unwrap(),
+        4
+    );
+    // Replica b takes the target, reaps the expired member and runs it again.
+    let t2 = t0 + secs(2);
+    assert_eq!(
+        store::acquire_targets(&db.pool, "b", t2, t2 + secs(10), 1)
+            .await
+            .unwrap(),
+        vec!["amocrm:main"]
+    );
+    assert_eq!(
+        store::reap_expired(&db.pool, &["amocrm:main".to_string()], t2, 5)
+            .await
+            .unwrap(),
+        1
+    );
+    let again = store::claim(&db.pool, "amocrm:main", "b", t2, t2 + secs(10), 50, &kinds)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.iter().map(|j| (j.id, j.attempts)).collect::<Vec<_>>(),
+        vec![(lost, 2)]
+    );
+    // a's batch comes back: every member succeeded from a's point of view.
+    let completions: Vec<Completion> = batch
+        .iter()
+        .map(|j| Completion {
+            job_id: j.id,
+            attempt: j.attempts,
+            started_at: t0,
+            finished_at: t2,
+            finish: Finish::Success,
+            remark: None,
+        })
+        .collect();
+    let mut applied = store::complete(&db.pool, "a", &completions).await.unwrap();
+    applied.sort();
+    let mut expected: Vec<i64> = batch[..4].iter().map(|j| j.id).collect();
+    expected.sort();
+    assert_eq!(applied, expected, "the four members a still held finish");
+    let row = store::job(&db.pool, lost).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state.as_str(), row.attempts, row.locked_by.as_deref()),
+        ("running", 2, Some("b")),
+        "the lost member stays b's"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await,
+        1,
+        "finished jobs leave the queue"
+    );
+    db.drop_now().await.unwrap();
+}

@@ -1006,3 +1006,132 @@ async fn buyers_with_an_email_and_no_phone_are_matched_by_email() {
     let Bridge { db, .. } = b;
     db.drop_now().await.unwrap();
 }
+
+/// A backlog goes to amoCRM in batches, as the daemon declares them: 120 new
+/// orders (ten new customers with two orders each, one lead amoCRM refuses)
+/// → `/leads/complex` requests of at most 50 leads, never more than 7
+/// requests in any second, 119 leads, the refused one dead with amoCRM's
+/// reason while the others of its batch are created, one contact per customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_goes_in_batches_and_a_refused_lead_fails_alone() {
+    let b = bridge().await;
+    let (db, kaspi, amo) = (&b.db, &b.kaspi, &b.amo);
+    let quota = orderbridge::config::RateQuota {
+        requests: 7,
+        per: Duration::from_secs(1),
+        burst: 1,
+    };
+    let mut config = test_config();
+    config.concurrency = 200;
+    let engine = start(
+        Engine::builder(db.pool.clone(), config)
+            .limiters(Arc::new(
+                orderbridge::outbox::limits::Limiters::new([])
+                    .with_per_request("amocrm:main", quota),
+            ))
+            .handler(orderbridge::sync::ingest::CRM_SYNC_KIND, crm_sync(&b))
+            .handler(orderbridge::sync::to_crm::ASSIGN_KIND, crm_sync(&b))
+            .batched(
+                orderbridge::sync::ingest::CRM_SYNC_KIND,
+                3 * orderbridge::connectors::amocrm::BATCH,
+            ),
+    );
+    let now = chrono::Utc::now().timestamp_millis();
+    let phone = |i: i64| {
+        if i < 20 {
+            format!("70155{:05}", i / 2)
+        } else {
+            format!("70166{i:05}")
+        }
+    };
+    for i in 0..120 {
+        kaspi.create_order(SimOrderSpec {
+            customer_phone: phone(i),
+            ..SimOrderSpec::new(&format!("72{i:04}"), now - 60_000 + i)
+        });
+    }
+    amo.refuse_lead_value("720057");
+    // As the daemon does at start: the account's contacts indexed locally,
+    // so de-duplication costs no request.
+    orderbridge::sync::contact_index::refresh(&b.clients["main"], &db.pool)
+        .await
+        .unwrap();
+    let poller = KaspiPoller::new(b.kaspi_client.clone(), db.pool.clone(), "amocrm:main");
+    poller.poll_once(chrono::Utc::now()).await.unwrap();
+    wait_for("every job finished", Duration::from_secs(90), || async {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM outbox_jobs WHERE state <> 'dead'",
+        )
+        .await
+            == 0
+    })
+    .await;
+    engine.stop().await;
+
+    let leads = amo.leads();
+    assert_eq!(leads.len(), 119, "every lead but the refused one");
+    assert!(leads.iter().all(|l| !l.name.contains("720057")));
+    let dead = orderbridge::store::outbox::jobs_in_state(&db.pool, "dead")
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1, "the refused lead's job alone is dead");
+    let reason = dead[0].last_error.clone().unwrap_or_default();
+    assert!(
+        reason.contains("name") && reason.contains("not valid"),
+        "amoCRM's reason: {reason}"
+    );
+    // One contact per customer (the refused order's customer has none).
+    let contacts = amo.contacts();
+    assert_eq!(contacts.len(), 10 + 99);
+    for pair in 0..10 {
+        let codes = [
+            format!("72{:04}", 2 * pair),
+            format!("72{:04}", 2 * pair + 1),
+        ];
+        let ids: Vec<Vec<u64>> = leads
+            .iter()
+            .filter(|l| codes.iter().any(|c| l.name.contains(c.as_str())))
+            .map(|l| l.contact_ids.clone())
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert!(
+            ids[0] == ids[1] && ids[0].len() == 1,
+            "customer {pair}'s two orders share one contact: {ids:?}"
+        );
+    }
+    let requests = amo.requests();
+    let complex: Vec<usize> = requests
+        .iter()
+        .filter(|r| r.path == "/api/v4/leads/complex")
+        .map(|r| {
+            serde_json::from_str::<Vec<serde_json::Value>>(&r.body)
+                .map(|v| v.len())
+                .unwrap_or(0)
+        })
+        .collect();
+    println!("complex_request_sizes: {complex:?}");
+    assert!(complex.iter().all(|n| (1..=50).contains(n)), "{complex:?}");
+    assert!(
+        complex.len() <= 20,
+        "120 leads in batches, not one request each: {} requests",
+        complex.len()
+    );
+    let mut times: Vec<std::time::Instant> = requests.iter().map(|r| r.at).collect();
+    times.sort();
+    let busiest = times
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            times[i..]
+                .iter()
+                .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(busiest <= 7, "{busiest} requests in one second");
+    assert_eq!(amo.count_status(429), 0);
+    let Bridge { db, .. } = b;
+    db.drop_now().await.unwrap();
+}

@@ -94,3 +94,85 @@ where
     }
     Ok(())
 }
+
+/// The daemon as deployed: `orderbridge --config FILE run` as a child process
+/// (the running executable), its logs at `error` to this process's stderr;
+/// stopped (SIGTERM, then killed) when dropped.
+pub(crate) struct DaemonProcess {
+    child: std::process::Child,
+}
+
+impl DaemonProcess {
+    /// Starts it with `env` set on top of this process's environment.
+    pub(crate) fn start(
+        config: &std::path::Path,
+        env: &[(&str, String)],
+    ) -> Result<DaemonProcess, BenchError> {
+        let exe = std::env::current_exe()?;
+        let mut command = std::process::Command::new(exe);
+        command
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env("RUST_LOG", "error")
+            .env_remove("DATABASE_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        Ok(DaemonProcess {
+            child: command.spawn()?,
+        })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails when the daemon exited.
+    pub(crate) fn check(&mut self) -> Result<(), BenchError> {
+        match self.child.try_wait()? {
+            Some(status) => Err(failed(format!("the daemon exited: {status}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// SIGKILL: no shutdown, no cleanup, as a crash or the OOM killer.
+    pub(crate) fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s.
+    pub(crate) fn stop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill_now();
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// A file removed when this goes out of scope (a daemon's configuration).
+pub(crate) struct RemoveOnDrop(pub std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use super::{config_file, failed, in_scratch_database, BenchError};
+use super::{config_file, failed, in_scratch_database, BenchError, DaemonProcess, RemoveOnDrop};
 use crate::config::Settings;
 use crate::sim::amocrm::{AmoSim, AmoSimConfig};
 use crate::sim::kaspi::{KaspiSim, KaspiSimConfig, SimOrderSpec};
@@ -58,6 +58,45 @@ pub async fn run(
         measure(admin, db, args).await
     })
     .await
+}
+
+/// The amoCRM requests by method and path (ids folded), with their count and
+/// the mean number of items in their JSON array bodies: where a run's
+/// requests went.
+fn request_breakdown(requests: &[crate::sim::amocrm::SimRequest]) -> String {
+    let mut by_route: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for request in requests {
+        let path: String = request
+            .path
+            .split('/')
+            .map(|part| {
+                if !part.is_empty() && part.chars().all(|c| c.is_ascii_digit()) {
+                    "{id}"
+                } else {
+                    part
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        let items = serde_json::from_str::<Vec<serde_json::Value>>(&request.body)
+            .map(|v| v.len())
+            .unwrap_or(0);
+        let entry = by_route
+            .entry(format!("{} {path} ({})", request.method, request.status))
+            .or_default();
+        entry.0 += 1;
+        entry.1 += items;
+    }
+    by_route
+        .iter()
+        .map(|(route, (n, items))| {
+            format!(
+                "  {route}: {n} requests, {:.1} items each",
+                *items as f64 / *n as f64
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -103,6 +142,13 @@ async fn linked(pool: &sqlx::PgPool) -> Result<i64, BenchError> {
         .map_err(failed)
 }
 
+async fn stored_orders(pool: &sqlx::PgPool) -> Result<i64, BenchError> {
+    sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(pool)
+        .await
+        .map_err(failed)
+}
+
 async fn measure(
     admin: &str,
     db: &ScratchDatabase,
@@ -127,10 +173,15 @@ async fn measure(
 
     // Backlog.
     let started = Instant::now();
-    let mut daemon = Daemon::start(&config)?;
+    let mut daemon = DaemonProcess::start(&config, &[])?;
+    let _config = RemoveOnDrop(config.clone());
     let limit = Duration::from_secs(1800);
+    let mut ingested_s = None;
     while linked(&pool).await? < args.backlog as i64 {
         daemon.check()?;
+        if ingested_s.is_none() && stored_orders(&pool).await? >= args.backlog as i64 {
+            ingested_s = Some(started.elapsed().as_secs_f64());
+        }
         if started.elapsed() > limit {
             return Err(failed("the backlog was not done within 30 minutes"));
         }
@@ -158,6 +209,11 @@ async fn measure(
         "bench pipeline: backlog of {} done in {backlog_s:.2} s ({backlog_requests} amoCRM requests, {backlog_429} × 429); steady arrivals next",
         args.backlog
     );
+    eprintln!(
+        "  every order stored after {:.2} s",
+        ingested_s.unwrap_or(backlog_s)
+    );
+    eprintln!("{}", request_breakdown(&amo.requests()));
 
     if args.backlog_only {
         daemon.stop();
@@ -297,74 +353,13 @@ async fn measure(
 }
 
 /// The order code a lead carries in its order-code field.
-fn order_code(fields: &serde_json::Value) -> Option<String> {
+/// The order code a lead carries in the shipped maps' «Номер заказа» field.
+pub(crate) fn order_code(fields: &serde_json::Value) -> Option<String> {
     fields.as_array()?.iter().find_map(|f| {
         (f["field_name"].as_str() == Some("Номер заказа"))
             .then(|| f["values"][0]["value"].as_str().map(str::to_string))
             .flatten()
     })
-}
-
-/// The daemon under measurement: `orderbridge --config FILE run` as a child
-/// process; stopped (SIGTERM, then killed) when dropped.
-struct Daemon {
-    child: std::process::Child,
-    config: std::path::PathBuf,
-}
-
-impl Daemon {
-    fn start(config: &std::path::Path) -> Result<Daemon, BenchError> {
-        let exe = std::env::current_exe()?;
-        let child = std::process::Command::new(exe)
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .env("RUST_LOG", "error")
-            .env_remove("DATABASE_URL")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()?;
-        Ok(Daemon {
-            child,
-            config: config.to_path_buf(),
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails when the daemon exited.
-    fn check(&mut self) -> Result<(), BenchError> {
-        match self.child.try_wait()? {
-            Some(status) => Err(failed(format!("the daemon exited: {status}"))),
-            None => Ok(()),
-        }
-    }
-
-    fn stop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.stop();
-        }
-        let _ = std::fs::remove_file(&self.config);
-    }
 }
 
 /// Writes the daemon's configuration file; its path.

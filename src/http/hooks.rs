@@ -38,13 +38,15 @@ impl std::fmt::Debug for HookAccount {
     }
 }
 
-/// Compares without an early exit, so timing does not reveal the secret.
+/// Compares the SHA-256 digests of both without an early exit, so the time
+/// taken reveals neither the secret nor its length.
 fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 pub(super) async fn amocrm(
@@ -286,5 +288,20 @@ pub(super) async fn partner(
             tracing::error!(source = %hook.name, %error, "Could not store a partner lead; answered 500 so the partner retries.");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_match_exactly_whatever_their_lengths() {
+        assert!(same_secret("s3cret-path", "s3cret-path"));
+        assert!(!same_secret("s3cret-path", "s3cret-pat"));
+        assert!(!same_secret("s3cret-path", "s3cret-path-longer"));
+        assert!(!same_secret("s3cret-path", "S3cret-path"));
+        assert!(!same_secret("s3cret-path", ""));
+        assert!(same_secret("", ""));
     }
 }

@@ -23,6 +23,8 @@ const SAFETY_MARGIN: f64 = 1.03;
 pub struct Limiters {
     quotas: HashMap<String, RateQuota>,
     per_request: std::collections::HashSet<String>,
+    /// Targets spaced wider than [`SAFETY_MARGIN`].
+    margins: HashMap<String, f64>,
     limiters: Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>,
 }
 
@@ -31,6 +33,7 @@ impl Limiters {
         Limiters {
             quotas: quotas.into_iter().collect(),
             per_request: Default::default(),
+            margins: HashMap::new(),
             limiters: Mutex::new(HashMap::new()),
         }
     }
@@ -40,6 +43,15 @@ impl Limiters {
         let target = target.into();
         self.quotas.insert(target.clone(), quota);
         self.per_request.insert(target);
+        self
+    }
+
+    /// Spaces `target`'s permits `margin` times wider than its quota (at
+    /// least [`SAFETY_MARGIN`]): for an API whose excess costs more than the
+    /// throughput given up (amoCRM blocks an account after repeated 429s).
+    pub fn with_margin(mut self, target: impl Into<String>, margin: f64) -> Self {
+        self.margins
+            .insert(target.into(), margin.max(SAFETY_MARGIN));
         self
     }
 
@@ -79,7 +91,10 @@ impl Limiters {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         Some(
             map.entry(target.to_string())
-                .or_insert_with(|| Arc::new(RateLimiter::direct(governor_quota(&quota))))
+                .or_insert_with(|| {
+                    let margin = self.margins.get(target).copied().unwrap_or(SAFETY_MARGIN);
+                    Arc::new(RateLimiter::direct(spaced_quota(&quota, margin)))
+                })
                 .clone(),
         )
     }
@@ -88,8 +103,13 @@ impl Limiters {
 /// Converts a config quota into governor's: one permit every `per / requests`
 /// (plus the safety margin), at most `burst` at once.
 pub fn governor_quota(quota: &RateQuota) -> Quota {
+    spaced_quota(quota, SAFETY_MARGIN)
+}
+
+/// Like [`governor_quota`], with permits spaced `margin` times `per / requests`.
+fn spaced_quota(quota: &RateQuota, margin: f64) -> Quota {
     let requests = quota.requests.max(1);
-    let period = quota.per.mul_f64(SAFETY_MARGIN) / requests;
+    let period = quota.per.mul_f64(margin) / requests;
     let period = period.max(Duration::from_nanos(1));
     let burst = NonZeroU32::new(quota.burst.max(1)).unwrap_or(NonZeroU32::MIN);
     Quota::with_period(period)
@@ -128,5 +148,29 @@ mod tests {
         });
         assert!(q.replenish_interval() * 7 > Duration::from_secs(1));
         assert_eq!(q.burst_size().get(), 1);
+    }
+
+    #[test]
+    fn a_target_with_a_margin_is_spaced_wider_and_others_are_not() {
+        let quota = RateQuota {
+            requests: 7,
+            per: Duration::from_secs(1),
+            burst: 1,
+        };
+        let limiters = Limiters::new([("kaspi:a".to_string(), quota)])
+            .with_per_request("amocrm:main", quota)
+            .with_margin("amocrm:main", 1.10);
+        let wide = spaced_quota(&quota, 1.10).replenish_interval();
+        assert!(wide * 7 >= Duration::from_millis(1099), "{wide:?}");
+        assert!(governor_quota(&quota).replenish_interval() < wide);
+        // The limiters themselves: a second permit right after the first is
+        // refused, for both, and the margin is the configured one.
+        for target in ["kaspi:a", "amocrm:main"] {
+            let limiter = limiters.limiter(target).unwrap();
+            assert!(limiter.check().is_ok());
+            assert!(limiter.check().is_err());
+        }
+        assert_eq!(limiters.margins.get("amocrm:main"), Some(&1.10));
+        assert_eq!(limiters.margins.get("kaspi:a"), None);
     }
 }

@@ -60,15 +60,19 @@ pub async fn find_contact(
     phone: Option<&str>,
     email: Option<&str>,
 ) -> Result<Option<i64>, StoreError> {
-    let id = sqlx::query_scalar(
-        "SELECT contact_id FROM crm_contacts
-         WHERE crm_account = $1 AND (($2::text IS NOT NULL AND phone = $2) OR ($3::text IS NOT NULL AND email = $3))
-         ORDER BY contact_id LIMIT 1",
+    // Two index lookups (a NULL matches nothing), not one OR that a
+    // prepared statement's generic plan answers with a scan of the table.
+    let id: Option<i64> = sqlx::query_scalar(
+        "SELECT min(contact_id) FROM (
+             SELECT contact_id FROM crm_contacts WHERE crm_account = $1 AND phone = $2
+             UNION ALL
+             SELECT contact_id FROM crm_contacts WHERE crm_account = $1 AND email = $3
+         ) AS found",
     )
     .bind(crm_account)
     .bind(phone)
     .bind(email)
-    .fetch_optional(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
     Ok(id)
 }

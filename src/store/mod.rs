@@ -10,6 +10,7 @@ pub mod links;
 pub mod orders;
 pub mod outbox;
 pub mod partner;
+pub mod rate_slots;
 pub mod reconcile;
 pub mod sla;
 pub mod timeline;

@@ -477,10 +477,18 @@ pub async fn renew_job_leases(
     }
     let ids: Vec<i64> = running.iter().map(|r| r.0).collect();
     let attempts: Vec<i32> = running.iter().map(|r| r.1).collect();
+    // Rows are locked in id order, and a row another statement holds (the
+    // finisher ending it) is skipped: no deadlock with a batch of completions,
+    // and a job being finished needs no longer lease.
     let result = sqlx::query(
-        "UPDATE outbox_jobs j SET lease_until = $4
-         FROM unnest($1::bigint[], $2::int[]) AS f(id, attempt)
-         WHERE j.id = f.id AND j.attempts = f.attempt AND j.state = 'running' AND j.locked_by = $3",
+        "WITH mine AS MATERIALIZED (
+             SELECT j.id FROM outbox_jobs j
+             WHERE j.id = ANY($1) AND j.state = 'running' AND j.locked_by = $3
+               AND (j.id, j.attempts) IN (SELECT * FROM unnest($1::bigint[], $2::int[]))
+             ORDER BY j.id
+             FOR UPDATE OF j SKIP LOCKED
+         )
+         UPDATE outbox_jobs j SET lease_until = $4 FROM mine WHERE j.id = mine.id",
     )
     .bind(&ids)
     .bind(&attempts)

@@ -153,7 +153,11 @@ pub async fn open_load(
 /// Takes the role's next round-robin turn (0 first).
 pub async fn next_turn(pool: &PgPool, crm_account: &str, role: &str) -> Result<i64, StoreError> {
     let n: i64 = sqlx::query_scalar(
-        "INSERT INTO role_turns (crm_account, role, turn) VALUES ($1, $2, 1)
+        // Every order of a role takes the same row: its lock is held only
+        // until the commit, which does not wait for the WAL flush (a turn
+        // lost in a database crash only repeats a responsible once).
+        "INSERT INTO role_turns (crm_account, role, turn)
+         SELECT $1, $2, 1 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed
          ON CONFLICT (crm_account, role) DO UPDATE SET turn = role_turns.turn + 1
          RETURNING turn",
     )

@@ -2,9 +2,9 @@
 //! task; the `crm_sync_order` jobs of many orders hand it their lead
 //! creations (with a new contact embedded, through `/leads/complex`) and their
 //! lead updates, and it sends them in batches of up to 50 per request. It does
-//! not wait to fill a batch: whatever queued while the previous request waited
-//! for the account's rate limiter goes into the next one, so a quiet bridge
-//! pays no latency and a busy one gets full batches (design §2: amoCRM ≤7
+//! not wait to fill a batch: it waits for the account's rate limiter first and
+//! gathers the batch then, so whatever queued during that wait goes in the
+//! request; a quiet bridge pays no latency and a busy one gets full batches (design §2: amoCRM ≤7
 //! req/s, batches ≤50). Optionally (`crm_accounts.<name>.batch_fill`, off by
 //! default) a round short of a batch is not sent sooner than that after the
 //! previous request.
@@ -135,16 +135,26 @@ async fn write_forever(
             }
         }
         last_sent = tokio::time::Instant::now();
-        if !creates.is_empty() {
-            let n = creates.len().min(BATCH);
-            let batch: Vec<CreateWaiter> = creates.drain(..n).collect();
-            write_creates(&client, batch).await;
-        }
-        if !updates.is_empty() {
-            let n = updates.len().min(BATCH);
-            let batch: Vec<UpdateWaiter> = updates.drain(..n).collect();
-            write_updates(&client, batch).await;
-        }
+        // The batch is gathered once the account's limiter lets a request go:
+        // what queued during the wait travels in it.
+        let (creates, updates, rx, writer) = (&mut creates, &mut updates, &mut rx, &client);
+        client
+            .with_permit(move || async move {
+                while let Ok(op) = rx.try_recv() {
+                    queue(op, creates, updates);
+                }
+                if !creates.is_empty() {
+                    let n = creates.len().min(BATCH);
+                    let batch: Vec<CreateWaiter> = creates.drain(..n).collect();
+                    write_creates(writer, batch).await;
+                }
+                if !updates.is_empty() {
+                    let n = updates.len().min(BATCH);
+                    let batch: Vec<UpdateWaiter> = updates.drain(..n).collect();
+                    write_updates(writer, batch).await;
+                }
+            })
+            .await;
     }
 }
 
@@ -158,57 +168,97 @@ fn queue(op: Op, creates: &mut VecDeque<CreateWaiter>, updates: &mut VecDeque<Up
 async fn write_creates(client: &AmoClient, batch: Vec<CreateWaiter>) {
     metrics::histogram!("orderbridge_amocrm_batch_size", "op" => "create")
         .record(batch.len() as f64);
-    let leads: Vec<NewComplexLead> = batch.iter().map(|(lead, _)| lead.clone()).collect();
-    match client.create_leads_complex(&leads).await {
-        Ok(created) => {
-            for (lead, tx) in batch {
-                let result = created
+    let mut pending = batch;
+    while !pending.is_empty() {
+        let leads: Vec<NewComplexLead> = pending.iter().map(|(lead, _)| lead.clone()).collect();
+        match client.create_leads_complex(&leads).await {
+            Ok(created) => {
+                for (lead, tx) in pending {
+                    let result = created
+                        .iter()
+                        .find(|c| c.request_id == lead.lead.request_id)
+                        .cloned()
+                        .ok_or_else(|| {
+                            WriteError::Refused("amoCRM's answer does not name this lead".into())
+                        });
+                    let _ = tx.send(result);
+                }
+                return;
+            }
+            // `/leads/complex` refuses a whole batch for the items its
+            // validation errors name: those fail with amoCRM's reason, the
+            // rest go again together.
+            Err(AmoError::Validation(items)) => {
+                let by_index: Vec<String> = pending
                     .iter()
-                    .find(|c| c.request_id == lead.lead.request_id)
-                    .cloned()
-                    .ok_or_else(|| {
-                        WriteError::Refused("amoCRM's answer does not name this lead".into())
-                    });
-                let _ = tx.send(result);
+                    .map(|(lead, _)| lead.lead.request_id.clone())
+                    .collect();
+                let mut reasons: std::collections::HashMap<String, Vec<String>> =
+                    Default::default();
+                for item in &items {
+                    let id = if by_index.contains(&item.request_id) {
+                        Some(item.request_id.clone())
+                    } else {
+                        item.request_id
+                            .parse::<usize>()
+                            .ok()
+                            .and_then(|i| by_index.get(i).cloned())
+                    };
+                    if let Some(id) = id {
+                        reasons
+                            .entry(id)
+                            .or_default()
+                            .extend(item.errors.iter().cloned());
+                    }
+                }
+                if reasons.is_empty() {
+                    // Nothing attributable: with one item, it is the one;
+                    // with more, each goes alone to find out.
+                    let reason = items
+                        .iter()
+                        .flat_map(|i| i.errors.iter().cloned())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    if pending.len() == 1 {
+                        for (_, tx) in pending {
+                            let _ = tx.send(Err(WriteError::Refused(reason.clone())));
+                        }
+                        return;
+                    }
+                    for one in pending {
+                        Box::pin(write_creates(client, vec![one])).await;
+                    }
+                    return;
+                }
+                let mut rest = Vec::with_capacity(pending.len());
+                for (lead, tx) in pending {
+                    match reasons.remove(&lead.lead.request_id) {
+                        Some(errors) => {
+                            tracing::warn!(request_id = %lead.lead.request_id, errors = ?errors,
+                                "amoCRM refused one lead of a batch; sending the others.");
+                            let _ = tx.send(Err(WriteError::Refused(errors.join("; "))));
+                        }
+                        None => rest.push((lead, tx)),
+                    }
+                }
+                pending = rest;
             }
-        }
-        // `/leads/complex` refuses a whole batch for one bad item: send each
-        // alone so only the bad one fails.
-        Err(AmoError::Validation(_)) if batch.len() > 1 => {
-            for (lead, tx) in batch {
-                let result = match client
-                    .create_leads_complex(std::slice::from_ref(&lead))
-                    .await
-                {
-                    Ok(created) => created
-                        .into_iter()
-                        .next()
-                        .ok_or_else(|| WriteError::Refused("amoCRM returned no lead".into())),
-                    Err(AmoError::Validation(items)) => Err(WriteError::Refused(
-                        items
-                            .iter()
-                            .flat_map(|i| i.errors.iter().cloned())
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                    )),
-                    Err(error) => Err(WriteError::from_amo(&error)),
-                };
-                let _ = tx.send(result);
+            // Too large or slow for amoCRM: halves, each on its own.
+            Err(AmoError::GatewayTimeout) if pending.len() > 1 => {
+                let second = pending.split_off(pending.len() / 2);
+                tracing::warn!(
+                    size = pending.len() + second.len(),
+                    "amoCRM answered 504 to a complex create; splitting the batch."
+                );
+                Box::pin(write_creates(client, pending)).await;
+                Box::pin(write_creates(client, second)).await;
+                return;
             }
-        }
-        Err(AmoError::Validation(items)) => {
-            let reason = items
-                .iter()
-                .flat_map(|i| i.errors.iter().cloned())
-                .collect::<Vec<_>>()
-                .join("; ");
-            for (_, tx) in batch {
-                let _ = tx.send(Err(WriteError::Refused(reason.clone())));
-            }
-        }
-        Err(error) => {
-            for (_, tx) in batch {
-                let _ = tx.send(Err(WriteError::from_amo(&error)));
+            Err(error) => {
+                for (_, tx) in pending {
+                    let _ = tx.send(Err(WriteError::from_amo(&error)));
+                }
+                return;
             }
         }
     }

@@ -1,6 +1,8 @@
 //! Ingest: an order change is written in ONE transaction: the order snapshot,
 //! its stage-history row (when the status key moved), and the outbox intent
-//! "make the CRM lead reflect this order" (deduplicated per order).
+//! "make the CRM lead reflect this order" (deduplicated per order). A poll
+//! writes a listed page's changes together ([`write_orders`]): one
+//! transaction and a few statements for up to 100 orders.
 
 use sqlx::PgPool;
 
@@ -72,6 +74,68 @@ pub fn crm_sync_job_of(order: &OrderRef<'_>, order_id: i64, crm_target: &str) ->
     }
 }
 
+/// Writes many order changes (a listed page) in ONE transaction: the
+/// snapshots, the history rows of those whose status key moved and their
+/// outbox intents, in a few statements. Returns what happened to each
+/// distinct order (by external id, in listing order).
+pub async fn write_orders(
+    pool: &PgPool,
+    changed: &[(&Order, &str)],
+    crm_target: &str,
+) -> Result<Vec<(String, Written)>, StoreError> {
+    if changed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = pool.begin().await?;
+    orders::relax_commit(&mut tx).await?;
+    let upserted = orders::upsert_many(&mut tx, changed).await?;
+    let by_id: std::collections::HashMap<&str, &Order> = changed
+        .iter()
+        .map(|(order, _)| (order.external_id.as_str(), *order))
+        .collect();
+    let mut history = Vec::new();
+    let mut jobs = Vec::with_capacity(upserted.len());
+    let mut written = Vec::with_capacity(upserted.len());
+    for (external_id, up) in &upserted {
+        let Some(order) = by_id.get(external_id.as_str()) else {
+            continue;
+        };
+        let moved = up.previous_status.as_deref() != Some(order.status.as_str());
+        if moved {
+            history.push((up.id, up.previous_status.as_deref(), *order));
+        }
+        jobs.push(crm_sync_job(order, up.id, crm_target));
+        metrics::counter!("orderbridge_orders_ingested_total",
+            "marketplace" => order.marketplace.as_str(), "change" => if up.inserted { "new" } else { "changed" })
+        .increment(1);
+        written.push((
+            external_id.clone(),
+            if up.inserted {
+                Written::New
+            } else {
+                Written::Changed {
+                    status_from: if moved {
+                        up.previous_status.clone()
+                    } else {
+                        None
+                    },
+                }
+            },
+        ));
+    }
+    orders::add_history_many(&mut tx, &history).await?;
+    crate::store::outbox::enqueue_many(&mut tx, &jobs).await?;
+    tx.commit().await?;
+    let inserted = written
+        .iter()
+        .filter(|(_, w)| matches!(w, Written::New))
+        .count();
+    if inserted > 0 {
+        orders::note_growth(pool, inserted as u64).await;
+    }
+    Ok(written)
+}
+
 /// Writes one order change with its history row and outbox intent, atomically.
 pub async fn write_order(
     pool: &PgPool,
@@ -94,6 +158,9 @@ pub async fn write_order(
     }
     crate::store::outbox::enqueue(&mut tx, &crm_sync_job(order, upserted.id, crm_target)).await?;
     tx.commit().await?;
+    if upserted.inserted {
+        orders::note_growth(pool, 1).await;
+    }
     metrics::counter!("orderbridge_orders_ingested_total",
         "marketplace" => order.marketplace.as_str(), "change" => if upserted.inserted { "new" } else { "changed" })
     .increment(1);

@@ -4,9 +4,18 @@
 //! (the re-signed waybill URL left out), fetches lines only for new orders that
 //! came without them, and refreshes by id every active order older than the
 //! window until it is terminal. After an outage longer than the window, the
-//! gap since the cursor is listed first. Each change is committed on its own
-//! (ingest), so a poll that fails part-way keeps what it saw; the cursor moves
-//! only when a poll completes.
+//! gap since the cursor is listed first. Each listed page's changes are
+//! committed together (ingest), so a poll that fails part-way keeps what it
+//! saw; the cursor moves only when a poll completes.
+//!
+//! With many active orders a sweep takes longer than the poll interval (100
+//! per page: 10,000 active orders are 100 pages). So that a new order is not
+//! held up by the sweep, a poller given [`KaspiPoller::with_newest_every`]
+//! lists the newest window (from a little before the newest time already
+//! listed up to now) between the sweep's pages whenever that interval has
+//! passed: new orders arrive within about one interval however long the
+//! sweep. The listings run one after another in one task, so no order is
+//! written from an older listing after a newer one.
 
 use std::time::Duration;
 
@@ -23,6 +32,10 @@ use crate::store::{orders, StoreError};
 const GAP_OVERLAP: chrono::Duration = chrono::Duration::minutes(10);
 /// The list window stays this far inside Kaspi's 14-day limit (clock skew).
 const WINDOW_MARGIN: chrono::Duration = chrono::Duration::minutes(1);
+/// The newest-window listing starts this far before the newest time already
+/// listed (an order's creation date may trail its visibility a little; the
+/// sweep catches anything older).
+const NEWEST_OVERLAP: chrono::Duration = chrono::Duration::seconds(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
@@ -64,6 +77,22 @@ pub struct PollReport {
     pub refreshed: usize,
     /// Orders whose lines needed their own request.
     pub entries_fetched: usize,
+    /// Newest-window listings made during the sweep.
+    pub newest_listings: usize,
+}
+
+/// When the newest window was last listed, and up to when.
+struct NewestWindow {
+    every: Duration,
+    state: std::sync::Mutex<NewestState>,
+}
+
+#[derive(Clone, Copy)]
+struct NewestState {
+    /// The newest creation time a listing has covered.
+    covered_until: Option<DateTime<Utc>>,
+    /// When a listing of the newest window is due next.
+    due: tokio::time::Instant,
 }
 
 pub struct KaspiPoller {
@@ -71,6 +100,7 @@ pub struct KaspiPoller {
     pool: PgPool,
     /// Outbox target of the CRM sync intents (`amocrm:<account>`).
     crm_target: String,
+    newest: Option<NewestWindow>,
 }
 
 impl KaspiPoller {
@@ -79,6 +109,75 @@ impl KaspiPoller {
             client,
             pool,
             crm_target: crm_target.into(),
+            newest: None,
+        }
+    }
+
+    /// Lists the newest window between a sweep's pages every `every` (the
+    /// daemon gives its poll interval): see the module doc.
+    pub fn with_newest_every(mut self, every: Duration) -> Self {
+        self.newest = Some(NewestWindow {
+            every,
+            state: std::sync::Mutex::new(NewestState {
+                covered_until: None,
+                due: tokio::time::Instant::now() + every,
+            }),
+        });
+        self
+    }
+
+    fn newest_state(&self) -> Option<(Duration, NewestState)> {
+        self.newest.as_ref().map(|n| {
+            let state = *n.state.lock().unwrap_or_else(|p| p.into_inner());
+            (n.every, state)
+        })
+    }
+
+    fn set_newest_state(&self, state: NewestState) {
+        if let Some(n) = &self.newest {
+            *n.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+        }
+    }
+
+    /// Lists the newest window when it is due (see the module doc).
+    async fn list_newest_if_due(&self, report: &mut PollReport) -> Result<(), PollError> {
+        let Some((every, state)) = self.newest_state() else {
+            return Ok(());
+        };
+        let Some(covered) = state.covered_until else {
+            return Ok(());
+        };
+        if tokio::time::Instant::now() < state.due {
+            return Ok(());
+        }
+        let now = Utc::now();
+        let from = covered - NEWEST_OVERLAP;
+        for (start, end) in windows(from, now) {
+            let mut run = PageRun::First;
+            loop {
+                let (listed, more) = self.client.list_pages(start, end, run).await?;
+                self.ingest(listed, report).await?;
+                match more {
+                    Some(next) => run = next,
+                    None => break,
+                }
+            }
+        }
+        report.newest_listings += 1;
+        self.set_newest_state(NewestState {
+            covered_until: Some(now.max(covered)),
+            due: tokio::time::Instant::now() + every,
+        });
+        Ok(())
+    }
+
+    /// The sweep has listed up to `until`: the newest window starts from there.
+    fn covered(&self, until: DateTime<Utc>) {
+        if let Some((_, state)) = self.newest_state() {
+            self.set_newest_state(NewestState {
+                covered_until: Some(state.covered_until.map_or(until, |c| c.max(until))),
+                ..state
+            });
         }
     }
 
@@ -118,13 +217,15 @@ impl KaspiPoller {
             let gap_from = until - GAP_OVERLAP;
             if gap_from < window_from {
                 tracing::warn!(from = %gap_from, to = %window_from, "Listing the gap since the last complete poll.");
-                self.list_and_ingest(gap_from, window_from, &mut report)
+                self.list_and_ingest(gap_from, window_from, false, &mut report)
                     .await?;
             }
         }
-        self.list_and_ingest(window_from, now, &mut report).await?;
+        self.list_and_ingest(window_from, now, true, &mut report)
+            .await?;
         // Active orders that left the window: one by one until terminal.
         for known in orders::active_created_before(&self.pool, "kaspi", &shop, window_from).await? {
+            self.list_newest_if_due(&mut report).await?;
             match self.client.order(&known.external_id).await? {
                 Some(order) => {
                     report.refreshed += 1;
@@ -143,10 +244,13 @@ impl KaspiPoller {
 
     /// Lists `[from, to]` window by window and page run by page run, storing
     /// each run before reading the next: a failure keeps what came before it.
+    /// `to_now`: `to` is the sweep's now (its last window's pages cover the
+    /// newest edge).
     async fn list_and_ingest(
         &self,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
+        to_now: bool,
         report: &mut PollReport,
     ) -> Result<(), PollError> {
         for (start, end) in windows(from, to) {
@@ -154,6 +258,11 @@ impl KaspiPoller {
             loop {
                 let (listed, more) = self.client.list_pages(start, end, run).await?;
                 self.ingest(listed, report).await?;
+                if to_now && end >= to {
+                    // The window that ends now: the newest window starts here.
+                    self.covered(to);
+                }
+                self.list_newest_if_due(report).await?;
                 match more {
                     Some(next) => run = next,
                     None => break,
@@ -184,21 +293,43 @@ impl KaspiPoller {
                 None => changed.push((order, false)),
             }
         }
-        // Each order is its own transaction; several run at once to overlap round trips.
-        let mut writes = futures::stream::iter(
+        // Lines first (several requests at once), then the page's changes in
+        // one transaction; an order whose lines could not be read waits for
+        // the next poll, the others are written.
+        let mut prepared = futures::stream::iter(
             changed
                 .into_iter()
-                .map(|(order, have_items)| self.write(order, have_items)),
+                .map(|(order, have_items)| self.prepare(order, have_items)),
         )
         .buffer_unordered(WRITE_CONCURRENCY);
+        let mut ready = Vec::new();
         let mut first_error = None;
-        while let Some(outcome) = writes.next().await {
+        while let Some(outcome) = prepared.next().await {
             match outcome {
-                Ok(done) => report.add(done),
+                Ok(done) => ready.push(done),
                 Err(error) => {
                     first_error.get_or_insert(error);
                 }
             }
+        }
+        let rows: Vec<(&crate::domain::Order, &str)> = ready
+            .iter()
+            .map(|(order, _)| (&order.order, order.content_hash.as_str()))
+            .collect();
+        let written = ingest::write_orders(&self.pool, &rows, &self.crm_target).await?;
+        let fetched: std::collections::HashMap<&str, (&KaspiOrder, bool)> = ready
+            .iter()
+            .map(|(order, fetched)| (order.order.external_id.as_str(), (order, *fetched)))
+            .collect();
+        for (external_id, written) in written {
+            let Some((order, entries_fetched)) = fetched.get(external_id.as_str()) else {
+                continue;
+            };
+            log_change(order, &written);
+            report.add(WriteDone {
+                written,
+                entries_fetched: *entries_fetched,
+            });
         }
         match first_error {
             Some(error) => Err(error),
@@ -216,8 +347,13 @@ impl KaspiPoller {
         self.write(order, have_items).await.map(|_| ())
     }
 
-    /// Writes one order (fetching its lines first when it has none yet).
-    async fn write(&self, mut order: KaspiOrder, have_items: bool) -> Result<WriteDone, PollError> {
+    /// An order with its lines: fetched when neither the listing nor the
+    /// store has them (and whether they were fetched).
+    async fn prepare(
+        &self,
+        mut order: KaspiOrder,
+        have_items: bool,
+    ) -> Result<(KaspiOrder, bool), PollError> {
         let mut entries_fetched = false;
         if !order.items_included && !have_items {
             order.order.items = self.client.entries(&order.order.external_id).await?;
@@ -235,6 +371,12 @@ impl KaspiPoller {
                 order.order.items = stored.items;
             }
         }
+        Ok((order, entries_fetched))
+    }
+
+    /// Writes one order (fetching its lines first when it has none yet).
+    async fn write(&self, order: KaspiOrder, have_items: bool) -> Result<WriteDone, PollError> {
+        let (order, entries_fetched) = self.prepare(order, have_items).await?;
         let written = ingest::write_order(
             &self.pool,
             &order.order,
@@ -242,13 +384,7 @@ impl KaspiPoller {
             &self.crm_target,
         )
         .await?;
-        if let Written::Changed {
-            status_from: Some(from),
-        } = &written
-        {
-            tracing::info!(order = %order.order.code, from = %from, to = %order.order.status,
-                "Kaspi order changed stage.");
-        }
+        log_change(&order, &written);
         Ok(WriteDone {
             written,
             entries_fetched,
@@ -262,5 +398,15 @@ impl KaspiPoller {
             let _ = self.poll_once(Utc::now()).await;
         })
         .await
+    }
+}
+
+fn log_change(order: &KaspiOrder, written: &Written) {
+    if let Written::Changed {
+        status_from: Some(from),
+    } = written
+    {
+        tracing::info!(order = %order.order.code, from = %from, to = %order.order.status,
+            "Kaspi order changed stage.");
     }
 }

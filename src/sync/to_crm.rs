@@ -201,13 +201,18 @@ impl Handler for CrmSyncHandler {
             field("account")?,
             field("external_id")?,
         );
-        let order = orders::snapshot(&self.pool, &marketplace, &shop, &external_id)
-            .await?
-            .ok_or_else(|| ToCrmError::NoOrder(external_id.clone()))?;
-        // Ingest put the order's row id in the intent: no second lookup.
+        // Ingest put the order's row id in the intent: read by primary key.
         let order_id = job.payload["order_id"]
             .as_i64()
             .ok_or_else(|| ToCrmError::BadPayload("no `order_id`".into()))?;
+        let order = orders::snapshot_by_id(&self.pool, order_id)
+            .await?
+            .filter(|o| {
+                o.marketplace.as_str() == marketplace
+                    && o.account == shop
+                    && o.external_id == external_id
+            })
+            .ok_or_else(|| ToCrmError::NoOrder(external_id.clone()))?;
         // The map this job started with stays in force for the whole job.
         let maps = self.maps.current();
         let map = maps

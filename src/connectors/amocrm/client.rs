@@ -1,5 +1,6 @@
 //! Request plumbing of the amoCRM client: the account's limiter before every
-//! call, the circuit breaker, bearer auth with one refresh and one retry on 401
+//! call (in the daemon, request slots shared by every replica through the
+//! database), the circuit breaker, bearer auth with one refresh and one retry on 401
 //! (single flight per account, under the token row's lock, new pair committed
 //! before use), and the mapping of answers to [`AmoError`]s.
 
@@ -16,6 +17,12 @@ use sqlx::PgPool;
 use super::error::{AmoError, ItemRejection};
 use super::wire;
 use crate::store;
+
+tokio::task_local! {
+    /// Set inside [`AmoClient::with_permit`]: a permit of the account's
+    /// limiter was taken for the next request made in that scope.
+    static PERMIT_TAKEN: std::cell::Cell<bool>;
+}
 
 /// How often a closed or open circuit is re-read from the database (another
 /// replica may have opened it, or an operator reset it).
@@ -102,6 +109,9 @@ pub(super) struct Inner {
     pub http: reqwest::Client,
     pub pool: PgPool,
     pub limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// Spacing of the account's request slots shared by every replica on the
+    /// database (`rate_slots`); `None`: the process's own limiter alone.
+    shared_spacing: Option<Duration>,
     refresh_flight: tokio::sync::Mutex<()>,
     cached_access: std::sync::Mutex<Option<(String, i64)>>,
     circuit: std::sync::Mutex<CircuitState>,
@@ -129,6 +139,7 @@ impl AmoClient {
                 http,
                 pool,
                 limiter,
+                shared_spacing: None,
                 refresh_flight: tokio::sync::Mutex::new(()),
                 cached_access: std::sync::Mutex::new(None),
                 circuit: std::sync::Mutex::new(CircuitState {
@@ -157,6 +168,51 @@ impl AmoClient {
     /// The configured name of the CRM account.
     pub fn account_name(&self) -> &str {
         &self.inner.account.name
+    }
+
+    /// Takes the account's request slots from the database (`rate_slots`),
+    /// one every `spacing`, shared with every other replica on it; the
+    /// process's own limiter steps in only while the database cannot answer.
+    /// Call on a new client, before it is cloned.
+    pub fn with_shared_slots(mut self, spacing: Duration) -> AmoClient {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.shared_spacing = Some(spacing),
+            None => tracing::warn!(target_key = %self.inner.target,
+                "The amoCRM client was shared before its slots were; it keeps its own limiter."),
+        }
+        self
+    }
+
+    /// Waits until this process may send the account's next request.
+    async fn wait_for_slot(&self) {
+        if let Some(spacing) = self.inner.shared_spacing {
+            match store::rate_slots::reserve(&self.inner.pool, &self.inner.target, spacing).await {
+                Ok(wait) => {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    return;
+                }
+                Err(error) => tracing::warn!(target_key = %self.inner.target, %error,
+                    "Could not reserve a shared request slot; pacing by this process's limiter alone."),
+            }
+        }
+        if let Some(limiter) = &self.inner.limiter {
+            limiter.until_ready().await;
+        }
+    }
+
+    /// Waits for a permit of the account's limiter, then runs `work`, whose
+    /// first request spends that permit instead of waiting for another: a
+    /// batch writer gathers its batch after the wait, so whatever arrived
+    /// meanwhile goes in the same request.
+    pub async fn with_permit<W, Fut>(&self, work: W) -> Fut::Output
+    where
+        W: FnOnce() -> Fut,
+        Fut: std::future::Future,
+    {
+        self.wait_for_slot().await;
+        PERMIT_TAKEN.scope(std::cell::Cell::new(true), work()).await
     }
 
     /// Sends an API call: circuit, token, limiter, one refresh-and-retry on 401,
@@ -255,8 +311,9 @@ impl AmoClient {
         request: reqwest::RequestBuilder,
         path: &str,
     ) -> Result<Answer, AmoError> {
-        if let Some(limiter) = &self.inner.limiter {
-            limiter.until_ready().await;
+        let taken = PERMIT_TAKEN.try_with(|t| t.replace(false)).unwrap_or(false);
+        if !taken {
+            self.wait_for_slot().await;
         }
         let started = Instant::now();
         let response = request.send().await.map_err(|e| self.transport_error(e))?;

@@ -11,7 +11,7 @@ mod wire;
 
 pub use client::{AmoAccount, AmoAuth, AmoClient};
 pub use error::{AmoError, ItemRejection};
-pub use ops::BATCH;
+pub use ops::{BATCH, RATE_MARGIN};
 
 use crate::domain::{Email, Phone};
 

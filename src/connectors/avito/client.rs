@@ -335,11 +335,8 @@ impl AvitoClient {
                     Endpoint::Orders,
                 )
                 .await?;
-            let page: wire::OrdersPage = decode(&answer.body, "an order list")?;
-            let more = page.has_more && !page.orders.is_empty();
-            for order in page.orders {
-                orders.push(super::convert::order_from_wire(self.account(), order)?);
-            }
+            let (page, more) = parse_orders_page(self.account(), &answer.body)?;
+            orders.extend(page);
             if !more {
                 break;
             }
@@ -579,6 +576,22 @@ impl AvitoClient {
             })
             .collect())
     }
+}
+
+/// An order list page's body → its orders and whether more pages follow;
+/// anything malformed is a `Decode` error.
+pub fn parse_orders_page(
+    account: &str,
+    body: &[u8],
+) -> Result<(Vec<AvitoOrder>, bool), AvitoError> {
+    let page: wire::OrdersPage = decode(body, "an order list")?;
+    let more = page.has_more && !page.orders.is_empty();
+    let orders = page
+        .orders
+        .into_iter()
+        .map(|order| super::convert::order_from_wire(account, order))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((orders, more))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(

@@ -9,7 +9,7 @@ mod error;
 pub mod webhook;
 mod wire;
 
-pub use client::{AvitoAccount, AvitoClient, AvitoLimiters, ORDERS_PAGE};
+pub use client::{parse_orders_page, AvitoAccount, AvitoClient, AvitoLimiters, ORDERS_PAGE};
 pub use error::AvitoError;
 
 use chrono::{DateTime, Utc};

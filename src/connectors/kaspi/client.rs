@@ -353,19 +353,7 @@ impl KaspiClient {
             ("include[orders]".to_string(), "entries".to_string()),
         ];
         let answer = self.check(self.send(Method::GET, "/orders", &query, None, &[]).await?)?;
-        let envelope: wire::ListEnvelope = decode(&answer.body, "an order list")?;
-        let page_count = envelope
-            .meta
-            .as_ref()
-            .and_then(|m| m.page_count)
-            .unwrap_or(0);
-        let orders = envelope
-            .data
-            .iter()
-            .filter(|r| r.kind == "orders" || r.kind.is_empty())
-            .map(|r| order_from_resource(&self.shop.name, r, &envelope.included))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((orders, page_count))
+        parse_order_list(&self.shop.name, &answer.body)
     }
 
     /// One order by id (`None`: Kaspi does not know it).
@@ -524,6 +512,24 @@ fn transition_name(t: &Transition) -> &'static str {
         Transition::Complete { .. } => "complete",
         Transition::Cancel { .. } => "cancel",
     }
+}
+
+/// An order list page's body → its orders (lines included where the page
+/// has them) and the page count; anything malformed is a `Decode` error.
+pub fn parse_order_list(shop: &str, body: &[u8]) -> Result<(Vec<KaspiOrder>, u64), KaspiError> {
+    let envelope: wire::ListEnvelope = decode(body, "an order list")?;
+    let page_count = envelope
+        .meta
+        .as_ref()
+        .and_then(|m| m.page_count)
+        .unwrap_or(0);
+    let orders = envelope
+        .data
+        .iter()
+        .filter(|r| r.kind == "orders" || r.kind.is_empty())
+        .map(|r| order_from_resource(shop, r, &envelope.included))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((orders, page_count))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(

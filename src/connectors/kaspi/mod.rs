@@ -10,8 +10,8 @@ pub mod status;
 mod wire;
 
 pub use client::{
-    windows, CancelReason, KaspiClient, KaspiShop, PageRun, Transition, TransitionOutcome,
-    MAX_WINDOW, PAGE_SIZE,
+    parse_order_list, windows, CancelReason, KaspiClient, KaspiShop, PageRun, Transition,
+    TransitionOutcome, MAX_WINDOW, PAGE_SIZE,
 };
 pub use convert::{almaty, almaty_day_start, content_hash, KaspiOrder};
 pub use error::KaspiError;

@@ -301,6 +301,15 @@ pub(super) fn complex(st: &mut State, req: &Req, changes: &mut Vec<LeadChange>) 
     for (i, item) in items.iter().enumerate() {
         let mut check = Check::default();
         let mut plan = parse_new_lead(st, item, true, &mut check);
+        if let Some(name) = item.get("name").and_then(Value::as_str) {
+            if st
+                .refused_lead_values
+                .iter()
+                .any(|v| name.contains(v.as_str()))
+            {
+                check.err("InvalidValue", "name", "This value is not valid.");
+            }
+        }
         // The contacts of a complex lead are new ones (or existing by id).
         let embedded = item.get("_embedded").cloned().unwrap_or(Value::Null);
         let mut contact = None;

@@ -413,6 +413,13 @@ impl AmoSim {
         self.lock().refused_contact_values.push(value.to_string());
     }
 
+    /// From now on amoCRM refuses a lead item of `/leads/complex` whose name
+    /// contains `value`, with a validation error on the lead's name (the
+    /// whole request is refused, the item named by its `request_id`).
+    pub fn refuse_lead_value(&self, value: &str) {
+        self.lock().refused_lead_values.push(value.to_string());
+    }
+
     /// From now on every answer (faults included) takes `delay` after the
     /// request was carried out, as a real account's latency.
     pub fn set_answer_delay(&self, delay: Duration) {

@@ -224,6 +224,8 @@ pub(super) struct State {
     pub cfg: AmoSimConfig,
     /// Values amoCRM refuses in a new contact's fields (validation error).
     pub refused_contact_values: Vec<String>,
+    /// Values that make a lead item of `/leads/complex` invalid.
+    pub refused_lead_values: Vec<String>,
     pub base_url: String,
     ids: Ids,
     pub pipelines: Vec<Pipeline>,
@@ -281,6 +283,7 @@ impl State {
             pipelines: Vec::new(),
             users: Vec::new(),
             refused_contact_values: Vec::new(),
+            refused_lead_values: Vec::new(),
             lead_fields: Vec::new(),
             contact_fields: Vec::new(),
             leads: BTreeMap::new(),
