@@ -169,9 +169,30 @@ async fn write_creates(client: &AmoClient, batch: Vec<CreateWaiter>) {
     metrics::histogram!("orderbridge_amocrm_batch_size", "op" => "create")
         .record(batch.len() as f64);
     let mut pending = batch;
+    let mut throttled = 0;
     while !pending.is_empty() {
         let leads: Vec<NewComplexLead> = pending.iter().map(|(lead, _)| lead.clone()).collect();
         match client.create_leads_complex(&leads).await {
+            // amoCRM did not take the request: the batch goes again after a
+            // short `retry_after` instead of failing (and later looking up)
+            // every lead in it.
+            Err(AmoError::RateLimited { retry_after }) if throttled < MAX_THROTTLED => {
+                throttled += 1;
+                match short_wait(retry_after) {
+                    Some(wait) => {
+                        tracing::warn!(size = pending.len(), wait_ms = wait.as_millis() as u64,
+                            "amoCRM answered 429 to a batch; sending it again after its retry_after.");
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => {
+                        let error = AmoError::RateLimited { retry_after };
+                        for (_, tx) in pending {
+                            let _ = tx.send(Err(WriteError::from_amo(&error)));
+                        }
+                        return;
+                    }
+                }
+            }
             Ok(created) => {
                 for (lead, tx) in pending {
                     let result = created
@@ -264,11 +285,34 @@ async fn write_creates(client: &AmoClient, batch: Vec<CreateWaiter>) {
     }
 }
 
+/// A batch refused with 429 is sent again at most this many times.
+const MAX_THROTTLED: usize = 3;
+
+/// A `retry_after` short enough to wait for inside the writer (none given:
+/// one second); a longer one fails the batch's jobs, which retry later.
+fn short_wait(retry_after: Option<std::time::Duration>) -> Option<std::time::Duration> {
+    let wait = retry_after.unwrap_or(std::time::Duration::from_secs(1));
+    (wait <= std::time::Duration::from_secs(10)).then_some(wait)
+}
+
 async fn write_updates(client: &AmoClient, batch: Vec<UpdateWaiter>) {
     metrics::histogram!("orderbridge_amocrm_batch_size", "op" => "update")
         .record(batch.len() as f64);
     let updates: Vec<LeadUpdate> = batch.iter().map(|(u, _)| u.clone()).collect();
-    match client.update_leads(&updates).await {
+    let mut throttled = 0;
+    let outcome = loop {
+        match client.update_leads(&updates).await {
+            Err(AmoError::RateLimited { retry_after }) if throttled < MAX_THROTTLED => {
+                throttled += 1;
+                match short_wait(retry_after) {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => break Err(AmoError::RateLimited { retry_after }),
+                }
+            }
+            other => break other,
+        }
+    };
+    match outcome {
         Ok(outcome) => {
             for (update, tx) in batch {
                 let id = update.id.to_string();

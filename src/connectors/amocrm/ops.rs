@@ -19,12 +19,12 @@ use crate::domain::{Email, Phone};
 /// amoCRM's recommended (and `/leads/complex`'s hard) batch size.
 pub const BATCH: usize = 50;
 /// An account's requests are spaced this much wider than its quota (7/s:
-/// one every 154 ms instead of 143). amoCRM counts requests as they arrive,
+/// one every 157 ms instead of 143). amoCRM counts requests as they arrive,
 /// and a large batch body's upload (or a busy host) can bring two of ours
 /// closer together than they left; a 429 costs the whole account its
 /// `retry_after`, and repeated ones an IP block that only support lifts.
 /// Full batches make up the throughput given up.
-pub const RATE_MARGIN: f64 = 1.08;
+pub const RATE_MARGIN: f64 = 1.10;
 /// Largest page amoCRM returns.
 const PAGE: usize = 250;
 
