@@ -4,8 +4,8 @@
 //! `config/maps/`) mutated by proptest, byte-wise (flipped, cut, inserted,
 //! repeated) and, for JSON, value-wise (a node swapped for a wrong type, a
 //! huge number, a long string), plus arbitrary bytes. Each must return a value
-//! or an error; a panic fails the case, which proptest shrinks and saves under
-//! `proptest-regressions/`. Inputs stay under 64 KiB, as the HTTP intake caps
+//! or an error; a panic fails the case, which proptest shrinks and saves in
+//! `tests/bad_input.regressions`. Inputs stay under 64 KiB, as the HTTP intake caps
 //! bodies; a parse may not take more than a few times the input in output.
 //! `PROPTEST_CASES` sets the cases per parser (`scripts/prove.sh bad-input
 //! --full` runs 20,000).

@@ -110,9 +110,14 @@ pub enum MapError {
     },
 }
 
-/// The 1-based line of a byte offset.
+/// The 1-based line of a byte offset (one inside a multi-byte character, as
+/// a TOML error's span may give in Cyrillic text, counts as that character's).
 pub fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].matches('\n').count() + 1
 }
 
 /// Reads and parses a map file (syntax and shape only; see `validate`).
@@ -132,4 +137,19 @@ pub fn parse(file: &str, text: &str) -> Result<MapFile, MapError> {
         line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
         message: e.message().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::line_of;
+
+    #[test]
+    fn an_offset_inside_a_cyrillic_letter_counts_as_that_letters_line() {
+        let text = "a = 1\nstage = \"Новая\"\n";
+        // Byte 16 is inside «о» (each Cyrillic letter is two bytes).
+        assert!(!text.is_char_boundary(16));
+        assert_eq!(line_of(text, 16), 2);
+        assert_eq!(line_of(text, 0), 1);
+        assert_eq!(line_of(text, 10_000), 3);
+    }
 }
