@@ -364,17 +364,7 @@ async fn replicas_sharing_request_slots_stay_within_the_accounts_seven_a_second(
     }
     let elapsed = started.elapsed().as_secs_f64();
     assert_eq!(s.sim.count_status(429), 0, "no request over the limit");
-    let mut times: Vec<Instant> = s.sim.requests().iter().map(|r| r.at).collect();
-    times.sort();
-    let busiest = (0..times.len())
-        .map(|i| {
-            times[i..]
-                .iter()
-                .take_while(|t| t.duration_since(times[i]) < Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap();
+    let busiest = s.sim.max_requests_in_any_second();
     assert!(busiest <= 7, "{busiest} requests in one second");
     let calls = s.sim.requests().len() as f64;
     assert!(

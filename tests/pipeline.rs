@@ -1117,19 +1117,7 @@ async fn a_backlog_goes_in_batches_and_a_refused_lead_fails_alone() {
         "120 leads in batches, not one request each: {} requests",
         complex.len()
     );
-    let mut times: Vec<std::time::Instant> = requests.iter().map(|r| r.at).collect();
-    times.sort();
-    let busiest = times
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            times[i..]
-                .iter()
-                .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
+    let busiest = amo.max_requests_in_any_second();
     assert!(busiest <= 7, "{busiest} requests in one second");
     assert_eq!(amo.count_status(429), 0);
     let Bridge { db, .. } = b;

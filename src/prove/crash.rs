@@ -293,19 +293,7 @@ async fn exercise(
     .await?;
     let longest = recoveries.iter().max().copied().unwrap_or_default();
     // Never two serving one account: amoCRM's own count of each second.
-    let mut times: Vec<Instant> = amo.requests().iter().map(|r| r.at).collect();
-    times.sort();
-    let busiest = times
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            times[i..]
-                .iter()
-                .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
+    let busiest = amo.max_requests_in_any_second();
     let http_429 = amo.count_status(429);
 
     let mut broken = Vec::new();

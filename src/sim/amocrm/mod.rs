@@ -506,6 +506,22 @@ impl AmoSim {
         self.lock().requests.clone()
     }
 
+    /// The most requests received within any one second (sliding): what
+    /// amoCRM's 7-a-second limit is judged by.
+    pub fn max_requests_in_any_second(&self) -> usize {
+        let mut times: Vec<Instant> = self.lock().requests.iter().map(|r| r.at).collect();
+        times.sort();
+        (0..times.len())
+            .map(|i| {
+                times[i..]
+                    .iter()
+                    .take_while(|t| t.duration_since(times[i]) < Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// How many responses had this status (0: dropped connections).
     pub fn count_status(&self, status: u16) -> usize {
         self.lock()
