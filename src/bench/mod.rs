@@ -176,3 +176,25 @@ impl Drop for RemoveOnDrop {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// The `i`-th generated Kaspi order of a benchmark or proof: every
+/// `repeat_every`-th from a repeat customer (a pool of `pool` phones), the
+/// others from new ones; codes from `code_base` on.
+pub(crate) fn generated_order(
+    i: usize,
+    created_ms: i64,
+    repeat_every: usize,
+    pool: usize,
+    code_base: usize,
+) -> crate::sim::kaspi::SimOrderSpec {
+    let phone = if i % repeat_every == repeat_every - 1 {
+        format!("707{:07}", i % pool)
+    } else {
+        format!("70{:08}", 10_000_000 + code_base / 100 + i)
+    };
+    crate::sim::kaspi::SimOrderSpec {
+        customer_phone: phone,
+        customer_name: format!("Покупатель {i}"),
+        ..crate::sim::kaspi::SimOrderSpec::new(&format!("{}", code_base + i), created_ms)
+    }
+}

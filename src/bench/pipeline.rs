@@ -121,18 +121,9 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// One order in five from a repeat customer (a pool of 200 phones).
 fn order(i: usize, created_ms: i64) -> SimOrderSpec {
-    // One order in five is a repeat customer (a pool of 200 phones).
-    let phone = if i % 5 == 4 {
-        format!("707{:07}", i % 200)
-    } else {
-        format!("70{:08}", 10_000_000 + i)
-    };
-    SimOrderSpec {
-        customer_phone: phone,
-        customer_name: format!("Покупатель {i}"),
-        ..SimOrderSpec::new(&format!("{}", 600_000_000 + i), created_ms)
-    }
+    super::generated_order(i, created_ms, 5, 200, 600_000_000)
 }
 
 async fn linked(pool: &sqlx::PgPool) -> Result<i64, BenchError> {
@@ -215,16 +206,17 @@ async fn measure(
     );
     eprintln!("{}", request_breakdown(&amo.requests()));
 
+    let mut figures = vec![
+        ("backlog_orders", args.backlog.to_string()),
+        ("backlog_elapsed_s", format!("{backlog_s:.2}")),
+        ("backlog_requests", backlog_requests.to_string()),
+        ("backlog_http_429", backlog_429.to_string()),
+        ("backlog_duplicate_leads", duplicate_leads.to_string()),
+        ("backlog_duplicate_contacts", duplicate_contacts.to_string()),
+    ];
     if args.backlog_only {
         daemon.stop();
-        return Ok(vec![
-            ("backlog_orders", args.backlog.to_string()),
-            ("backlog_elapsed_s", format!("{backlog_s:.2}")),
-            ("backlog_requests", backlog_requests.to_string()),
-            ("backlog_http_429", backlog_429.to_string()),
-            ("backlog_duplicate_leads", duplicate_leads.to_string()),
-            ("backlog_duplicate_contacts", duplicate_contacts.to_string()),
-        ]);
+        return Ok(figures);
     }
     // Steady arrivals.
     let before = amo.requests().len();
@@ -323,13 +315,7 @@ async fn measure(
     to_marketplace.sort_by(f64::total_cmp);
     let rss = peak_rss_mb(daemon.pid());
     daemon.stop();
-    Ok(vec![
-        ("backlog_orders", args.backlog.to_string()),
-        ("backlog_elapsed_s", format!("{backlog_s:.2}")),
-        ("backlog_requests", backlog_requests.to_string()),
-        ("backlog_http_429", backlog_429.to_string()),
-        ("backlog_duplicate_leads", duplicate_leads.to_string()),
-        ("backlog_duplicate_contacts", duplicate_contacts.to_string()),
+    figures.extend([
         ("to_crm_p50_ms", format!("{:.0}", percentile(&to_crm, 0.5))),
         ("to_crm_p99_ms", format!("{:.0}", percentile(&to_crm, 0.99))),
         (
@@ -349,7 +335,8 @@ async fn measure(
             "requests_per_new_order",
             format!("{:.3}", steady_requests as f64 / steady_count.max(1) as f64),
         ),
-    ])
+    ]);
+    Ok(figures)
 }
 
 /// The order code a lead carries in its order-code field.

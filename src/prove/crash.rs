@@ -352,18 +352,9 @@ fn kill_gap(rng: &mut impl Rng) -> Duration {
     Duration::from_millis(rng.random_range(500..4_000))
 }
 
+/// One order in four from a repeat customer (a pool of 50 phones).
 fn order(i: usize, created_ms: i64) -> SimOrderSpec {
-    // One order in four from a repeat customer.
-    let phone = if i % 4 == 3 {
-        format!("707{:07}", i % 50)
-    } else {
-        format!("70{:08}", 20_000_000 + i)
-    };
-    SimOrderSpec {
-        customer_phone: phone,
-        customer_name: format!("Покупатель {i}"),
-        ..SimOrderSpec::new(&format!("{}", 700_000_000 + i), created_ms)
-    }
+    crate::bench::generated_order(i, created_ms, 4, 50, 700_000_000)
 }
 
 async fn count(pool: &sqlx::PgPool, sql: &str) -> Result<i64, BenchError> {

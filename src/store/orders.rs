@@ -73,54 +73,7 @@ pub struct Upserted {
     pub previous_status: Option<String>,
 }
 
-/// Inserts or updates an order's snapshot inside the caller's transaction.
-pub async fn upsert(
-    tx: &mut Transaction<'_, Postgres>,
-    order: &Order,
-    content_hash: &str,
-) -> Result<Upserted, StoreError> {
-    let snapshot = serde_json::to_value(order)
-        .map_err(|e| StoreError::Query(sqlx::Error::Encode(Box::new(e))))?;
-    let previous: Option<(i64, String)> = sqlx::query_as(
-        "SELECT id, status_key FROM orders
-         WHERE marketplace = $1 AND account = $2 AND external_id = $3 FOR UPDATE",
-    )
-    .bind(order.marketplace.as_str())
-    .bind(&order.account)
-    .bind(&order.external_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO orders (marketplace, account, external_id, code, status_key, raw_state, raw_status,
-                             is_terminal, content_hash, snapshot, source_created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-         ON CONFLICT (marketplace, account, external_id) DO UPDATE SET
-             code = EXCLUDED.code, status_key = EXCLUDED.status_key, raw_state = EXCLUDED.raw_state,
-             raw_status = EXCLUDED.raw_status, is_terminal = EXCLUDED.is_terminal,
-             content_hash = EXCLUDED.content_hash, snapshot = EXCLUDED.snapshot, updated_at = now()
-         RETURNING id",
-    )
-    .bind(order.marketplace.as_str())
-    .bind(&order.account)
-    .bind(&order.external_id)
-    .bind(&order.code)
-    .bind(order.status.as_str())
-    .bind(&order.raw_state)
-    .bind(&order.raw_status)
-    .bind(order.is_terminal)
-    .bind(content_hash)
-    .bind(&snapshot)
-    .bind(order.created_at)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(Upserted {
-        id,
-        inserted: previous.is_none(),
-        previous_status: previous.map(|p| p.1),
-    })
-}
-
-/// [`upsert`] for many orders in three statements (lock, write, read back),
+/// Inserts or updates many orders' snapshots (a page) in a few statements (lock, write, read back),
 /// inside the caller's transaction: a poll writes a page of orders at once.
 /// Rows are locked and written in one order (by identity), so two writers
 /// of overlapping pages wait for each other instead of deadlocking. An order
@@ -238,27 +191,6 @@ pub async fn upsert_many(
         ));
     }
     Ok(out)
-}
-
-/// Records a stage change inside the caller's transaction.
-pub async fn add_history(
-    tx: &mut Transaction<'_, Postgres>,
-    order_id: i64,
-    from_key: Option<&str>,
-    order: &Order,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO order_stage_history (order_id, from_key, to_key, raw_state, raw_status)
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(order_id)
-    .bind(from_key)
-    .bind(order.status.as_str())
-    .bind(&order.raw_state)
-    .bind(&order.raw_status)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 /// Records many stage changes (order id, previous key, the order) inside the

@@ -217,15 +217,9 @@ async fn write_creates(client: &AmoClient, batch: Vec<CreateWaiter>) {
                 let mut reasons: std::collections::HashMap<String, Vec<String>> =
                     Default::default();
                 for item in &items {
-                    let id = if by_index.contains(&item.request_id) {
-                        Some(item.request_id.clone())
-                    } else {
-                        item.request_id
-                            .parse::<usize>()
-                            .ok()
-                            .and_then(|i| by_index.get(i).cloned())
-                    };
-                    if let Some(id) = id {
+                    let id =
+                        crate::connectors::amocrm::resolve_request_id(&item.request_id, &by_index);
+                    if by_index.contains(&id) {
                         reasons
                             .entry(id)
                             .or_default()

@@ -136,43 +136,18 @@ pub async fn write_orders(
     Ok(written)
 }
 
-/// Writes one order change with its history row and outbox intent, atomically.
+/// Writes one order change with its history row and outbox intent, atomically
+/// (a page of one).
 pub async fn write_order(
     pool: &PgPool,
     order: &Order,
     content_hash: &str,
     crm_target: &str,
 ) -> Result<Written, StoreError> {
-    let mut tx = pool.begin().await?;
-    orders::relax_commit(&mut tx).await?;
-    let upserted = orders::upsert(&mut tx, order, content_hash).await?;
-    let moved = upserted.previous_status.as_deref() != Some(order.status.as_str());
-    if moved {
-        orders::add_history(
-            &mut tx,
-            upserted.id,
-            upserted.previous_status.as_deref(),
-            order,
-        )
-        .await?;
-    }
-    crate::store::outbox::enqueue(&mut tx, &crm_sync_job(order, upserted.id, crm_target)).await?;
-    tx.commit().await?;
-    if upserted.inserted {
-        orders::note_growth(pool, 1).await;
-    }
-    metrics::counter!("orderbridge_orders_ingested_total",
-        "marketplace" => order.marketplace.as_str(), "change" => if upserted.inserted { "new" } else { "changed" })
-    .increment(1);
-    Ok(if upserted.inserted {
-        Written::New
-    } else {
-        Written::Changed {
-            status_from: if moved {
-                upserted.previous_status
-            } else {
-                None
-            },
-        }
-    })
+    write_orders(pool, &[(order, content_hash)], crm_target)
+        .await?
+        .into_iter()
+        .next()
+        .map(|(_, written)| written)
+        .ok_or(StoreError::Query(sqlx::Error::RowNotFound))
 }

@@ -11,6 +11,7 @@ mod wire;
 
 pub use client::{AmoAccount, AmoAuth, AmoClient};
 pub use error::{AmoError, ItemRejection};
+pub(crate) use ops::resolve_request_id;
 pub use ops::{BATCH, RATE_MARGIN};
 
 use crate::domain::{Email, Phone};

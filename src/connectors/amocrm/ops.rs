@@ -664,7 +664,7 @@ impl AmoClient {
 
 /// A validation error names an item by our request id, or by its index when
 /// the item had none.
-fn resolve_request_id(named: &str, by_index: &[String]) -> String {
+pub(crate) fn resolve_request_id(named: &str, by_index: &[String]) -> String {
     if by_index.iter().any(|id| id == named) {
         return named.to_string();
     }
