@@ -217,7 +217,13 @@ async fn exercise(
             .iter()
             .filter(|o| moved_codes.contains(&o.code) && o.status != "APPROVED_BY_BANK")
             .count();
-        if linked >= created as i64 && open == 0 && accepted == moved_codes.len() {
+        // A lead the manager moved waits in its stage until the next poll
+        // stores Kaspi's new status: settled only when every lead matches.
+        if linked >= created as i64
+            && open == 0
+            && accepted == moved_codes.len()
+            && wrong_stages(&amo, &pool, &pipeline).await? == 0
+        {
             break;
         }
         if converging.elapsed() > Duration::from_secs(240) {
@@ -255,15 +261,7 @@ async fn exercise(
         .values()
         .filter(|code| !leads_per_code.contains_key(*code))
         .count();
-    let expected = expected_stages(&pool, &pipeline).await?;
-    let wrong_stage = leads_per_code
-        .iter()
-        .filter(|(code, stages)| {
-            expected
-                .get(*code)
-                .is_some_and(|want| stages.iter().any(|s| Some(*s) != *want))
-        })
-        .count();
+    let wrong_stage = wrong_stages(&amo, &pool, &pipeline).await?;
     // Accepts that Kaspi carried out (2xx) per order: one each.
     let mut applied: BTreeMap<String, usize> = BTreeMap::new();
     for request in kaspi.requests() {
@@ -362,6 +360,24 @@ async fn count(pool: &sqlx::PgPool, sql: &str) -> Result<i64, BenchError> {
         .fetch_one(pool)
         .await
         .map_err(failed)
+}
+
+/// Leads not in the stage their order's stored status maps to.
+async fn wrong_stages(
+    amo: &AmoSim,
+    pool: &sqlx::PgPool,
+    pipeline: &crate::sim::amocrm::SimPipeline,
+) -> Result<usize, BenchError> {
+    let expected = expected_stages(pool, pipeline).await?;
+    Ok(amo
+        .leads()
+        .iter()
+        .filter(|lead| {
+            order_code(&lead.custom_fields_values)
+                .and_then(|code| expected.get(&code).copied())
+                .is_some_and(|want| want != Some(lead.status_id))
+        })
+        .count())
 }
 
 /// Each stored order's code → the stage id its status maps to in the shipped
