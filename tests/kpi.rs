@@ -580,9 +580,14 @@ async fn the_dashboard_shows_the_kpis_in_a_real_browser_and_fits_a_phone() {
     )
     .unwrap();
     // The frame loads in real time; a dump taken before its load has no
-    // report yet: try again (a few times at most).
+    // report yet (an empty <pre>: the host's own script names the message,
+    // so only the filled element counts): try again (a few times at most;
+    // a fresh machine's first Chromium runs are slow).
     let mut phone_frame = String::new();
-    for _ in 0..5 {
+    for attempt in 0..10 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
         let (c, u) = (chromium.clone(), format!("file://{}", frame.display()));
         phone_frame = tokio::task::spawn_blocking(move || {
             browse(
@@ -594,7 +599,7 @@ async fn the_dashboard_shows_the_kpis_in_a_real_browser_and_fits_a_phone() {
         })
         .await
         .unwrap();
-        if phone_frame.contains("orderbridgeLayout") {
+        if phone_frame.contains("<pre id=\"layout\">{") {
             break;
         }
     }
