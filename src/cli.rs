@@ -142,6 +142,12 @@ pub enum ProveWhich {
     /// flow; every order one lead in its stage, every move at Kaspi once.
     /// `--replicas 3`: three daemons on one database, a random one killed.
     Crash(crate::prove::crash::CrashArgs),
+    /// Kill the daemon's database connections, then restart PostgreSQL:
+    /// `/readyz` tells the outage, the daemon reconnects, nothing is lost.
+    DbFaults(crate::prove::faults::FaultArgs),
+    /// Kaspi, then amoCRM: 20 % 500s, timeouts, resets, a 429 storm; then
+    /// amoCRM's 403 block (all traffic stops until `circuit reset`).
+    ApiFaults(crate::prove::faults::FaultArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -442,6 +448,18 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             which: ProveWhich::Crash(args),
         } => {
             crate::prove::crash::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Prove {
+            which: ProveWhich::DbFaults(args),
+        } => {
+            let suite = crate::prove::faults::Suite::Database;
+            crate::prove::faults::run(&settings, suite, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Prove {
+            which: ProveWhich::ApiFaults(args),
+        } => {
+            let suite = crate::prove::faults::Suite::Apis;
+            crate::prove::faults::run(&settings, suite, &args, &mut std::io::stdout()).await?;
         }
         Command::Bench {
             which: BenchWhich::Pipeline(args),
@@ -1056,9 +1074,11 @@ async fn circuit(settings: &Settings, action: CircuitAction) -> anyhow::Result<(
             }
         }
         CircuitAction::Reset { target } => {
-            let closed = crate::store::circuits::close(&pool, &target).await?;
+            let (closed, woken) = crate::store::circuits::close(&pool, &target).await?;
             anyhow::ensure!(closed, "no circuit is open for {target}");
-            println!("circuit of {target} closed; traffic resumes within seconds");
+            println!(
+                "circuit of {target} closed; traffic resumes within seconds ({woken} jobs it put off are due now)"
+            );
         }
     }
     Ok(())

@@ -443,15 +443,55 @@ async fn a_403_stops_all_traffic_to_the_account_until_reset() {
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].target, "amocrm:main");
 
-    // Support unblocks the IP; the operator resets the circuit.
+    // Two jobs put off for 30 min: one by the open circuit (its last error
+    // the connector's own), one by a 500's back-off.
+    let put_off: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO outbox_jobs (kind, target, ordering_key, payload, run_at, last_error, failures)
+         VALUES ('crm_test', 'amocrm:main', 'k1', '{}', now() + interval '30 minutes', $1, 1),
+                ('crm_test', 'amocrm:main', 'k2', '{}', now() + interval '30 minutes', 'amoCRM answered 500', 1)
+         RETURNING id",
+    )
+    .bind(error.to_string())
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+
+    // Support unblocks the IP; the operator resets the circuit: what the
+    // circuit put off is due at once (found by `prove api-faults`: it waited
+    // out the 30-minute cool-down after the reset), nothing else.
     s.sim.unblock();
-    assert!(
+    assert_eq!(
         orderbridge::store::circuits::close(&s.db.pool, "amocrm:main")
             .await
-            .unwrap()
+            .unwrap(),
+        (true, 1)
     );
+    let due: Vec<bool> =
+        sqlx::query_scalar("SELECT run_at IS NULL FROM outbox_jobs WHERE id = ANY($1) ORDER BY id")
+            .bind(&put_off)
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(due, [true, false]);
+    // A replica that still had the circuit cached as open put a job off
+    // after the reset; the moment it reads the circuit gone, that job is due.
+    let late: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox_jobs (kind, target, ordering_key, payload, run_at, last_error, failures)
+         VALUES ('crm_test', 'amocrm:main', 'k3', '{}', now() + interval '10 minutes', $1, 1)
+         RETURNING id",
+    )
+    .bind(error.to_string())
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
     other.users().await.unwrap();
+    let woken: bool = sqlx::query_scalar("SELECT run_at IS NULL FROM outbox_jobs WHERE id = $1")
+        .bind(late)
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert!(woken, "the job put off on the stale circuit still waits");
     s.finish().await;
 }
 

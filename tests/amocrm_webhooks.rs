@@ -209,3 +209,40 @@ async fn readyz_reports_an_open_circuit() {
     shutdown.cancel();
     db.drop_now().await.unwrap();
 }
+
+/// Found by `orderbridge prove db-faults`: while PostgreSQL was down, /readyz
+/// waited for a connection to list open circuits (the pool's 30 s) after its
+/// 2 s database check had already failed, so probes timed out instead of
+/// reading "database unreachable".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_promptly_while_the_database_does_not() {
+    // A server that takes the connection and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_lazy(&format!("postgres://postgres@127.0.0.1:{port}/orderbridge"))
+        .unwrap();
+    let (base, shutdown) = serve(pool, 1024).await;
+    let asked = std::time::Instant::now();
+    let ready = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    let took = asked.elapsed();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert!(
+        body["checks"]["database"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("unreachable")),
+        "{body}"
+    );
+    assert!(took < Duration::from_secs(4), "/readyz took {took:?}");
+    drop(silent);
+    shutdown.cancel();
+}

@@ -316,6 +316,32 @@ async fn too_many_requests_then_blocked_until_unblocked() {
     sim.unblock();
     assert!(!sim.is_blocked());
     assert_eq!(get(&sim, "/api/v4/leads").await.status, 204);
+    assert_eq!(sim.rate_limited(), 20);
+
+    // Blocked on demand (the fault suite's 403 phase), lifted the same way.
+    sim.block();
+    assert_eq!(get(&sim, "/api/v4/leads").await.status, 403);
+    sim.unblock();
+    assert_eq!(get(&sim, "/api/v4/leads").await.status, 204);
+}
+
+#[tokio::test]
+async fn a_steady_fault_hits_every_nth_request_until_lifted_and_is_no_rate_limit() {
+    let sim = start(config()).await;
+    sim.fault_every(Fault::ServerError, 3);
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(get(&sim, "/api/v4/leads").await.status);
+    }
+    assert_eq!(statuses, [204, 204, 500, 204, 204, 500]);
+    sim.fault_every(Fault::TooManyRequests, 1);
+    assert_eq!(get(&sim, "/api/v4/leads").await.status, 429);
+    assert_eq!(sim.rate_limited(), 0, "an injected 429 is not the rate limit's");
+    sim.lift_steady_fault();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..3 {
+        assert_eq!(get(&sim, "/api/v4/leads").await.status, 204);
+    }
 }
 
 #[tokio::test]

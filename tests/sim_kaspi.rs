@@ -964,6 +964,23 @@ async fn handle_actions_move_orders_like_kaspi_and_the_buyer() {
 }
 
 #[tokio::test]
+async fn a_steady_fault_hits_every_nth_request_until_lifted() {
+    let sim = sim().await;
+    let url = list_url("");
+    sim.fault_every(KaspiFault::ServerError, 5);
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(get(&sim, &url).await.0);
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 500).count(), 2);
+    assert_eq!((statuses[4], statuses[9]), (500, 500));
+    sim.lift_steady_fault();
+    for _ in 0..5 {
+        assert_eq!(get(&sim, &url).await.0, 200);
+    }
+}
+
+#[tokio::test]
 async fn injected_faults_answer_instead_of_the_api_then_stop() {
     let sim = sim().await;
     let url = list_url("");

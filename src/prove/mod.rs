@@ -7,6 +7,8 @@
 //! `.ci/run`; the full ones by hand (`scripts/prove.sh SUITE --full`).
 
 pub mod crash;
+pub mod faults;
+pub mod world;
 
 use std::io::Write;
 

@@ -132,3 +132,31 @@ impl AsyncWrite for CuttableStream {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
+
+/// A steady fault: every `every`-th request gets `fault` until it is lifted
+/// (every 5th is a 20 % error rate; every 1st a storm). Consulted after the
+/// queued one-off faults.
+#[derive(Clone, Debug)]
+pub(crate) struct SteadyFault<F> {
+    fault: F,
+    every: usize,
+    seen: usize,
+}
+
+impl<F: Clone> SteadyFault<F> {
+    pub(crate) fn new(fault: F, every: usize) -> SteadyFault<F> {
+        SteadyFault {
+            fault,
+            every: every.max(1),
+            seen: 0,
+        }
+    }
+
+    /// The fault for this request, if it is its turn.
+    pub(crate) fn next(&mut self) -> Option<F> {
+        self.seen += 1;
+        self.seen
+            .is_multiple_of(self.every)
+            .then(|| self.fault.clone())
+    }
+}

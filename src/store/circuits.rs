@@ -55,11 +55,49 @@ pub async fn list_open(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<OpenCirc
     Ok(rows)
 }
 
-/// Closes a target's circuit (operator reset, or a call that succeeded after the cool-down).
-pub async fn close(pool: &PgPool, target: &str) -> Result<bool, StoreError> {
+/// What the last error of a job put off by `target`'s circuit says (the
+/// connector's own words: it met the open circuit, or the 403 that opened it).
+pub fn deferred_job_markers(target: &str) -> [String; 2] {
+    [
+        format!("circuit of {target} is open"),
+        format!("traffic to {target} is stopped"),
+    ]
+}
+
+/// Closes a target's circuit (operator reset, or a call that succeeded after
+/// the cool-down) and, in the same transaction, makes due now the jobs the
+/// circuit put off (they were scheduled for the end of its cool-down, up to
+/// 30 min away; found by `orderbridge prove api-faults`). Whether a circuit
+/// was open, and how many jobs were woken.
+pub async fn close(pool: &PgPool, target: &str) -> Result<(bool, u64), StoreError> {
+    let mut tx = pool.begin().await?;
     let deleted = sqlx::query("DELETE FROM circuits WHERE target = $1")
         .bind(target)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
-    Ok(deleted.rows_affected() > 0)
+    let woken = wake_deferred(&mut *tx, target).await?;
+    tx.commit().await?;
+    Ok((deleted.rows_affected() > 0, woken))
+}
+
+/// Makes due now the pending jobs `target`'s circuit put off; how many.
+/// Also run by a process that finds the circuit it had cached as open gone
+/// (reset by an operator or closed by another replica): jobs it deferred
+/// after the reset, on its cached state, must not wait out the cool-down.
+pub async fn wake_deferred<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    target: &str,
+) -> Result<u64, StoreError> {
+    let [met_circuit, met_block] = deferred_job_markers(target);
+    let woken = sqlx::query(
+        "UPDATE outbox_jobs SET run_at = NULL, updated_at = now()
+         WHERE target = $1 AND state = 'pending' AND run_at > now()
+           AND (strpos(last_error, $2) > 0 OR strpos(last_error, $3) > 0)",
+    )
+    .bind(target)
+    .bind(met_circuit)
+    .bind(met_block)
+    .execute(executor)
+    .await?;
+    Ok(woken.rows_affected())
 }

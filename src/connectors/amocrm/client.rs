@@ -588,16 +588,28 @@ impl AmoClient {
         };
         if due {
             let stored = store::circuits::get(&self.inner.pool, &self.inner.target).await?;
-            let mut state = self.circuit_state();
-            state.checked = Some(Instant::now());
-            state.open = stored.map(|c| {
-                let remaining = (c.open_until - Utc::now())
-                    .to_std()
-                    .unwrap_or(Duration::ZERO);
-                (Instant::now() + remaining, c.reason)
-            });
-            let open = state.open.is_some();
-            drop(state);
+            let (was_open, open) = {
+                let mut state = self.circuit_state();
+                state.checked = Some(Instant::now());
+                let was_open = state.open.is_some();
+                state.open = stored.map(|c| {
+                    let remaining = (c.open_until - Utc::now())
+                        .to_std()
+                        .unwrap_or(Duration::ZERO);
+                    (Instant::now() + remaining, c.reason)
+                });
+                (was_open, state.open.is_some())
+            };
+            if was_open && !open {
+                // Reset elsewhere: what this process put off on its cached
+                // state since then is due now, not at the cool-down's end.
+                match store::circuits::wake_deferred(&self.inner.pool, &self.inner.target).await {
+                    Ok(woken) => tracing::info!(target_key = %self.inner.target, woken,
+                        "The amoCRM circuit was closed elsewhere; traffic resumes and the jobs it put off are due now."),
+                    Err(error) => tracing::warn!(%error, target_key = %self.inner.target,
+                        "Could not make the jobs the circuit put off due; they wait out their retry time."),
+                }
+            }
             metrics::gauge!("orderbridge_circuit_open", "target" => self.inner.target.clone())
                 .set(if open { 1.0 } else { 0.0 });
         }

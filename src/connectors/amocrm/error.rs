@@ -111,6 +111,22 @@ impl AmoError {
 mod tests {
     use super::*;
 
+    /// A circuit reset finds the jobs the circuit put off by these words.
+    #[test]
+    fn jobs_put_off_by_the_circuit_carry_its_markers() {
+        let [met_circuit, met_block] = crate::store::circuits::deferred_job_markers("amocrm:main");
+        let open = AmoError::CircuitOpen {
+            target: "amocrm:main".into(),
+            reason: "amoCRM answered 403".into(),
+            remaining: Duration::from_secs(60),
+        };
+        assert!(open.to_string().contains(&met_circuit), "{open}");
+        let blocked = AmoError::Blocked {
+            target: "amocrm:main".into(),
+        };
+        assert!(blocked.to_string().contains(&met_block), "{blocked}");
+    }
+
     #[test]
     fn each_answer_has_its_retry_action() {
         let after = Duration::from_secs(3);

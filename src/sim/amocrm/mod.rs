@@ -341,6 +341,37 @@ impl AmoSim {
         }
     }
 
+    /// From now on every `every`-th call gets `fault` (5: a 20 % error rate;
+    /// 1: a storm) until [`AmoSim::lift_steady_fault`].
+    pub fn fault_every(&self, fault: Fault, every: usize) {
+        self.lock().steady_fault = Some(crate::sim::support::SteadyFault::new(fault, every));
+    }
+
+    pub fn lift_steady_fault(&self) {
+        self.lock().steady_fault = None;
+    }
+
+    /// The account is blocked as after repeated 429s: every call gets the
+    /// 403 nginx page until [`AmoSim::unblock`].
+    pub fn block(&self) {
+        self.lock().blocked = true;
+    }
+
+    /// 429s the account's rate limit gave so far (injected ones not counted).
+    pub fn rate_limited(&self) -> usize {
+        self.lock().rate_limited
+    }
+
+    /// Every stage change of a lead, in the order made: (lead, status before,
+    /// status after, by user).
+    pub fn stage_changes(&self) -> Vec<(u64, u64, u64, u64)> {
+        self.lock()
+            .events
+            .iter()
+            .map(|e| (e.entity_id, e.before.0, e.after.0, e.created_by))
+            .collect()
+    }
+
     /// The next `times` calls whose path starts with `path` get `fault`
     /// (before any unscoped fault); `LoseAnswer` is not scoped.
     pub fn inject_on(&self, path: &str, fault: Fault, times: usize) {

@@ -132,7 +132,10 @@ fn decide(
         .iter()
         .position(|(prefix, _)| path.starts_with(prefix.as_str()))
         .map(|i| st.path_faults.remove(i).1);
-    if let Some(fault) = scoped.or_else(|| st.faults.pop_front()) {
+    let fault = scoped
+        .or_else(|| st.faults.pop_front())
+        .or_else(|| st.steady_fault.as_mut().and_then(|f| f.next()));
+    if let Some(fault) = fault {
         return match fault {
             Fault::ServerError => {
                 let mut body = problem_body(500, "Internal Server Error", "Internal Server Error");
@@ -169,6 +172,7 @@ fn decide(
     }
     if st.window.len() >= st.cfg.rate_per_second as usize {
         st.too_many += 1;
+        st.rate_limited += 1;
         if st.too_many >= st.cfg.block_after_429s {
             st.blocked = true;
         }

@@ -244,10 +244,14 @@ pub(super) struct State {
     pub tokens: Tokens,
     pub window: VecDeque<Instant>,
     pub too_many: u32,
+    /// Every 429 the rate limit gave (never reset; injected ones not counted).
+    pub rate_limited: usize,
     pub blocked: bool,
     pub faults: VecDeque<Fault>,
     /// Faults for requests whose path starts with the prefix (first match first).
     pub path_faults: Vec<(String, Fault)>,
+    /// Every n-th request gets this fault until lifted (after queued ones).
+    pub steady_fault: Option<crate::sim::support::SteadyFault<Fault>>,
     /// How long every answer takes (a real account answers in 100–500 ms).
     pub answer_delay: std::time::Duration,
     pub requests: Vec<SimRequest>,
@@ -301,6 +305,8 @@ impl State {
             blocked: false,
             faults: VecDeque::new(),
             path_faults: Vec::new(),
+            steady_fault: None,
+            rate_limited: 0,
             answer_delay: std::time::Duration::ZERO,
             requests: Vec::new(),
             deliveries: Vec::new(),

@@ -321,6 +321,16 @@ impl AvitoSim {
         }
     }
 
+    /// From now on every `every`-th request (not `/token`) gets `fault` (5: a
+    /// 20 % error rate; 1: a storm) until [`AvitoSim::lift_steady_fault`].
+    pub fn fault_every(&self, fault: AvitoFault, every: usize) {
+        self.lock().steady_fault = Some(crate::sim::support::SteadyFault::new(fault, every));
+    }
+
+    pub fn lift_steady_fault(&self) {
+        self.lock().steady_fault = None;
+    }
+
     /// Every token issued so far is expired from now on (→ 403).
     pub fn expire_tokens(&self) {
         self.lock().expire_tokens();

@@ -254,7 +254,11 @@ async fn front(
     }
     {
         let mut st = shared.lock();
-        if let Some(fault) = st.faults.pop_front() {
+        let fault = st
+            .faults
+            .pop_front()
+            .or_else(|| st.steady_fault.as_mut().and_then(|f| f.next()));
+        if let Some(fault) = fault {
             return match fault {
                 AvitoFault::ServerError => {
                     answer(Reply::error(envelope, 500, "Internal Server Error"))

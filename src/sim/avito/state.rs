@@ -118,6 +118,8 @@ pub(super) struct State {
     pub webhooks: Vec<String>,
     pub deliveries: Vec<SimWebhookDelivery>,
     pub faults: VecDeque<AvitoFault>,
+    /// Every n-th request gets this fault until lifted (after queued ones).
+    pub steady_fault: Option<crate::sim::support::SteadyFault<AvitoFault>>,
     pub success_false: usize,
     pub requests: Vec<SimRequest>,
     pub global: Window,
@@ -143,6 +145,7 @@ impl State {
             webhooks: Vec::new(),
             deliveries: Vec::new(),
             faults: VecDeque::new(),
+            steady_fault: None,
             success_false: 0,
             requests: Vec::new(),
             global: Window::default(),

@@ -298,6 +298,16 @@ impl KaspiSim {
         }
     }
 
+    /// From now on every `every`-th request gets `fault` (5: a 20 % error
+    /// rate; 1: a storm) until [`KaspiSim::lift_steady_fault`].
+    pub fn fault_every(&self, fault: KaspiFault, every: usize) {
+        self.lock().steady_fault = Some(crate::sim::support::SteadyFault::new(fault, every));
+    }
+
+    pub fn lift_steady_fault(&self) {
+        self.lock().steady_fault = None;
+    }
+
     fn act(&self, id: &str, what: &str, f: impl FnOnce(&mut state::Order) -> bool) {
         let mut st = self.lock();
         match st.find_mut(id) {

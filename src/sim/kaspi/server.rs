@@ -166,7 +166,11 @@ fn decide(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Outcome {
-    if let Some(fault) = st.faults.pop_front() {
+    let fault = st
+        .faults
+        .pop_front()
+        .or_else(|| st.steady_fault.as_mut().and_then(|f| f.next()));
+    if let Some(fault) = fault {
         return match fault {
             KaspiFault::ServerError => Outcome::Answer(Reply::error(500, "Internal Server Error")),
             KaspiFault::Timeout => Outcome::Hold,

@@ -19,6 +19,8 @@ pub(super) struct State {
     /// In the order `create_order` was called.
     pub orders: Vec<Order>,
     pub faults: VecDeque<KaspiFault>,
+    /// Every n-th request gets this fault until lifted (after queued ones).
+    pub steady_fault: Option<crate::sim::support::SteadyFault<KaspiFault>>,
     pub requests: Vec<SimRequest>,
     next_internal: u64,
     next_waybill: u64,
@@ -61,6 +63,7 @@ impl State {
             origin,
             orders: Vec::new(),
             faults: VecDeque::new(),
+            steady_fault: None,
             requests: Vec::new(),
             next_internal: 495_145_021,
             next_waybill: 101_110_589,
