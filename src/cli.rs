@@ -148,6 +148,9 @@ pub enum ProveWhich {
     /// Kaspi, then amoCRM: 20 % 500s, timeouts, resets, a 429 storm; then
     /// amoCRM's 403 block (all traffic stops until `circuit reset`).
     ApiFaults(crate::prove::faults::FaultArgs),
+    /// A 72-hour outage's backlog (1,200, then 10,000 orders) caught up
+    /// after a restart, then 1,000 amoCRM webhooks a second for 10 s.
+    Load(crate::prove::load::LoadArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -460,6 +463,11 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         } => {
             let suite = crate::prove::faults::Suite::Apis;
             crate::prove::faults::run(&settings, suite, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Prove {
+            which: ProveWhich::Load(args),
+        } => {
+            crate::prove::load::run(&settings, &args, &mut std::io::stdout()).await?;
         }
         Command::Bench {
             which: BenchWhich::Pipeline(args),

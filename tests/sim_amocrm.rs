@@ -336,7 +336,11 @@ async fn a_steady_fault_hits_every_nth_request_until_lifted_and_is_no_rate_limit
     assert_eq!(statuses, [204, 204, 500, 204, 204, 500]);
     sim.fault_every(Fault::TooManyRequests, 1);
     assert_eq!(get(&sim, "/api/v4/leads").await.status, 429);
-    assert_eq!(sim.rate_limited(), 0, "an injected 429 is not the rate limit's");
+    assert_eq!(
+        sim.rate_limited(),
+        0,
+        "an injected 429 is not the rate limit's"
+    );
     sim.lift_steady_fault();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for _ in 0..3 {

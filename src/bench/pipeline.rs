@@ -108,7 +108,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// The peak resident set (VmHWM) of process `pid`, in MB.
-fn peak_rss_mb(pid: u32) -> f64 {
+pub(crate) fn peak_rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

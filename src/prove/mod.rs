@@ -8,6 +8,7 @@
 
 pub mod crash;
 pub mod faults;
+pub mod load;
 pub mod world;
 
 use std::io::Write;

@@ -24,7 +24,7 @@ use crate::store::ScratchDatabase;
 
 const KASPI_MAP: &str = "config/maps/kaspi.toml";
 const AMO_TOKEN: &str = "prove-token";
-const HOOK_SECRET: &str = "prove-hook-secret";
+pub(crate) const HOOK_SECRET: &str = "prove-hook-secret";
 /// The amoCRM account's circuit key (`orderbridge circuit reset TARGET`).
 pub(crate) const AMO_TARGET: &str = "amocrm:main";
 /// The stage whose entry means "accept the order" in the shipped Kaspi map.
@@ -161,6 +161,39 @@ impl World {
         DaemonProcess::start(&self.config, &env)
     }
 
+    /// Replica `i`'s HTTP address (`http://127.0.0.1:PORT`).
+    pub fn base_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.ports[i])
+    }
+
+    /// The pipeline the shipped Kaspi map resolves to.
+    pub fn pipeline(&self) -> &SimPipeline {
+        &self.pipeline
+    }
+
+    /// What piles up while the daemon is down: `n` orders created evenly
+    /// over the last `span` (one in ten of them already cancelled by its
+    /// buyer when the daemon comes back).
+    pub fn backlog(&mut self, n: usize, span: Duration) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let step_ms = span.as_millis() as i64 / n.max(1) as i64;
+        for k in 0..n {
+            let created_ms = now_ms - span.as_millis() as i64 + k as i64 * step_ms;
+            let order = self.kaspi.create_order(crate::bench::generated_order(
+                self.created,
+                created_ms,
+                4,
+                50,
+                700_000_000,
+            ));
+            self.created += 1;
+            if self.rng.random_bool(0.1) {
+                self.kaspi
+                    .buyer_cancels(&order.id, "BUYER_CANCELLATION_BY_MERCHANT");
+            }
+        }
+    }
+
     /// Replica `i`'s `/readyz`.
     pub fn readyz_url(&self, i: usize) -> String {
         format!("http://127.0.0.1:{}/readyz", self.ports[i])
@@ -238,6 +271,15 @@ impl World {
             daemon.check()?;
         }
         Ok(())
+    }
+
+    /// Jobs pending or running.
+    pub async fn open_jobs(&self) -> Result<i64, BenchError> {
+        count(
+            &self.pool,
+            "SELECT count(*) FROM outbox_jobs WHERE state IN ('pending', 'running')",
+        )
+        .await
     }
 
     /// Waits (at most `limit`) until every order is linked, every move is at
