@@ -215,27 +215,34 @@ async fn flood(
         .map_err(failed)?;
     let forms: Vec<String> = (0..total).map(|i| flood_form(world, i)).collect();
     let started = Instant::now();
-    let gap = Duration::from_secs_f64(1.0 / args.flood_rate.max(1) as f64);
     let mut sends = tokio::task::JoinSet::new();
-    let mut next = Instant::now();
-    for form in forms {
+    // Sent in bursts every 10 ms, as many as are due by then.
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut forms = forms.into_iter();
+    let mut sent = 0u64;
+    while sent < total {
+        tick.tick().await;
         // Orders and managers keep going meanwhile.
         world.pump(args.rate);
-        tokio::time::sleep_until(next.into()).await;
-        next += gap;
-        let (http, url) = (http.clone(), url.clone());
-        sends.spawn(async move {
-            let sent = Instant::now();
-            let status = http
-                .post(&url)
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(form)
-                .send()
-                .await
-                .ok()
-                .map(|r| r.status().as_u16());
-            (status, sent.elapsed())
-        });
+        let due =
+            ((started.elapsed().as_secs_f64() * args.flood_rate as f64) as u64 + 1).min(total);
+        while sent < due {
+            let Some(form) = forms.next() else { break };
+            sent += 1;
+            let (http, url) = (http.clone(), url.clone());
+            sends.spawn(async move {
+                let asked = Instant::now();
+                let status = http
+                    .post(&url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(form)
+                    .send()
+                    .await
+                    .ok()
+                    .map(|r| r.status().as_u16());
+                (status, asked.elapsed())
+            });
+        }
     }
     let mut answers: Vec<(Option<u16>, Duration)> = Vec::with_capacity(total as usize);
     while let Some(answer) = sends.join_next().await {

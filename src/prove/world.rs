@@ -214,19 +214,18 @@ impl World {
         self.created += 1;
         let roll: f64 = self.rng.random();
         if roll < 0.7 {
-            let candidates: Vec<(u64, Option<String>)> = self
+            let candidates: Vec<u64> = self
                 .amo
-                .leads()
+                .lead_ids_in_stage(self.new_stage)
                 .into_iter()
-                .filter(|l| {
-                    l.status_id == self.new_stage
-                        && !self.moved.contains(&l.id)
-                        && !self.kaspi_side.contains(&l.id)
-                })
-                .map(|l| (l.id, order_code(&l.custom_fields_values)))
+                .filter(|id| !self.moved.contains(id) && !self.kaspi_side.contains(id))
                 .collect();
             if !candidates.is_empty() {
-                let (lead, code) = candidates[self.rng.random_range(0..candidates.len())].clone();
+                let lead = candidates[self.rng.random_range(0..candidates.len())];
+                let code = self
+                    .amo
+                    .lead(lead)
+                    .and_then(|l| order_code(&l.custom_fields_values));
                 if roll < 0.55 {
                     self.amo
                         .manager_moves_lead(lead, self.pipeline.id, self.accept, self.manager);
@@ -306,10 +305,13 @@ impl World {
                 .filter(|o| moved_codes.contains(&o.code) && o.status != "APPROVED_BY_BANK")
                 .count();
             // A lead the manager moved waits in its stage until the next poll
-            // stores Kaspi's new status: settled only when every lead matches.
+            // stores Kaspi's new status, and a change Kaspi made itself is
+            // seen when the poll's sweep reaches its order: settled only when
+            // every order is stored as Kaspi has it and every lead matches.
             if linked >= self.created as i64
                 && open == 0
                 && accepted == moved_codes.len()
+                && self.unseen_changes().await? == 0
                 && self.wrong_stages().await? == 0
             {
                 break;
@@ -341,6 +343,28 @@ impl World {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         Ok(converging.elapsed().as_secs_f64())
+    }
+
+    /// Orders whose status at Kaspi differs from the stored one (or that are
+    /// not stored yet).
+    async fn unseen_changes(&self) -> Result<usize, BenchError> {
+        let stored: BTreeMap<String, Option<String>> =
+            sqlx::query_as::<_, (String, Option<String>)>("SELECT code, raw_status FROM orders")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(failed)?
+                .into_iter()
+                .collect();
+        Ok(self
+            .kaspi
+            .orders()
+            .iter()
+            .filter(|o| {
+                stored
+                    .get(&o.code)
+                    .is_none_or(|s| s.as_deref() != Some(o.status.as_str()))
+            })
+            .count())
     }
 
     fn moved_codes(&self) -> BTreeSet<String> {

@@ -478,6 +478,17 @@ impl AmoSim {
         st.leads.keys().filter_map(|id| st.sim_lead(*id)).collect()
     }
 
+    /// The ids of the leads in stage `status_id` (cheap: nothing else copied,
+    /// the account stays free for the API meanwhile).
+    pub fn lead_ids_in_stage(&self, status_id: u64) -> Vec<u64> {
+        let st = self.lock();
+        st.leads
+            .values()
+            .filter(|l| l.status_id == status_id)
+            .map(|l| l.id)
+            .collect()
+    }
+
     pub fn lead(&self, id: u64) -> Option<SimLead> {
         self.lock().sim_lead(id)
     }
