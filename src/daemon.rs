@@ -102,7 +102,6 @@ pub async fn run_until(
         webhook_body_limit: settings.http.webhook_body_limit_bytes,
         maps: Some(maps.clone()),
         inbox_wake: inbox_wake.clone(),
-        inbox_writer: Default::default(),
         dashboard: crate::http::Dashboard {
             access: crate::http::DashboardAccess::for_listen(
                 settings.http.listen,

@@ -347,7 +347,6 @@ async fn serve(pool: sqlx::PgPool, limit: usize) -> (String, tokio_util::sync::C
         webhook_body_limit: limit,
         maps: None,
         inbox_wake: Default::default(),
-        inbox_writer: Default::default(),
         dashboard: Default::default(),
     };
     tokio::spawn(orderbridge::http::serve(listener, state, shutdown.clone()));

@@ -272,7 +272,6 @@ async fn readyz_reports_an_unreachable_database() {
             partner_hooks: Default::default(),
             maps: None,
             inbox_wake: Default::default(),
-            inbox_writer: Default::default(),
             dashboard: Default::default(),
         },
         shutdown.clone(),

@@ -328,7 +328,6 @@ async fn serve(pool: PgPool, dashboard: DashboardAccess) -> String {
         webhook_body_limit: 1 << 20,
         maps: None,
         inbox_wake: Arc::default(),
-        inbox_writer: Default::default(),
         dashboard: Dashboard {
             access: dashboard,
             crm_urls: Arc::new(

@@ -331,7 +331,6 @@ async fn readyz_shows_a_refused_reload() {
             webhook_body_limit: 1024,
             maps: Some(registry.clone()),
             inbox_wake: Default::default(),
-            inbox_writer: Default::default(),
             dashboard: Default::default(),
         },
         shutdown.clone(),

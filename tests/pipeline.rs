@@ -228,7 +228,6 @@ async fn a_managers_move_accepts_at_kaspi_without_an_echo_loop() {
             webhook_body_limit: 1 << 20,
             maps: Some(maps.clone()),
             inbox_wake: Default::default(),
-            inbox_writer: Default::default(),
             dashboard: Default::default(),
         },
         shutdown.clone(),

@@ -104,13 +104,12 @@ pub(super) async fn amocrm(
             }),
         })
         .collect();
-    let count = items.len();
-    match state.inbox_writer.insert(&state.pool, items).await {
+    match inbox::insert(&state.pool, &items).await {
         Ok(new) => {
             if new > 0 {
                 state.inbox_wake.notify_one();
             }
-            tracing::info!(account = %account.name, items = count, new, "amoCRM webhook stored.");
+            tracing::info!(account = %account.name, items = items.len(), new, "amoCRM webhook stored.");
             metrics::counter!("orderbridge_webhooks_total", "source" => "amocrm", "result" => "stored")
                 .increment(1);
             StatusCode::OK.into_response()

@@ -6,7 +6,6 @@
 
 mod dashboard;
 pub mod hooks;
-pub mod inbox_writer;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -38,8 +37,6 @@ pub struct AppState {
     /// Woken when an amoCRM webhook stored changes, so the inbox processor acts
     /// at once instead of at its next tick.
     pub inbox_wake: std::sync::Arc<tokio::sync::Notify>,
-    /// Stores amoCRM webhooks in groups, one commit each.
-    pub inbox_writer: inbox_writer::InboxWriter,
     /// Who may see the dashboard and `/api/kpi`, and where leads link to.
     pub dashboard: Dashboard,
 }
