@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Proof suites: `scripts/prove.sh SUITE [--short|--full] [extra args]`.
-# SUITE: crash, replicas, db-faults, api-faults, load, bad-input (see README "Proving it"). --short is the
+# SUITE: crash, replicas, db-faults, api-faults, load, security, bad-input (see README "Proving it"). --short is the
 # version .ci/run runs (debug build, a few minutes at most); --full (the
 # default) the one whose figures go into notes (release build).
 # Makes sure PostgreSQL answers first (scripts/ensure-postgres.sh), like the
@@ -30,9 +30,11 @@ case "$suite:$mode" in
   api-faults:full)  command=(api-faults --phase-secs 30) ;;
   load:short)      command=(load --backlogs 300 --flood-rate 300 --flood-secs 3) ;;
   load:full)       command=(load) ;;
+  security:short)  command=(security --seconds 8) ;;
+  security:full)   command=(security --seconds 30) ;;
   bad-input:short) exec cargo test --locked --test bad_input ;;
   bad-input:full)  PROPTEST_CASES=20000 exec cargo test --locked --release --test bad_input ;;
-  *) echo "prove.sh: unknown suite '$suite' (known: crash, replicas, db-faults, api-faults, load, bad-input)" >&2; exit 2 ;;
+  *) echo "prove.sh: unknown suite '$suite' (known: crash, replicas, db-faults, api-faults, load, security, bad-input)" >&2; exit 2 ;;
 esac
 
 if [[ "$mode" == short ]]; then

@@ -151,6 +151,9 @@ pub enum ProveWhich {
     /// A 72-hour outage's backlog (1,200, then 10,000 orders) caught up
     /// after a restart, then 1,000 amoCRM webhooks a second for 10 s.
     Load(crate::prove::load::LoadArgs),
+    /// The daemon as its container runs it: non-root, read-only root
+    /// filesystem; no secret in the configuration's Debug output.
+    Security(crate::prove::security::SecurityArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -468,6 +471,11 @@ pub async fn execute(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             which: ProveWhich::Load(args),
         } => {
             crate::prove::load::run(&settings, &args, &mut std::io::stdout()).await?;
+        }
+        Command::Prove {
+            which: ProveWhich::Security(args),
+        } => {
+            crate::prove::security::run(&settings, &args, &mut std::io::stdout()).await?;
         }
         Command::Bench {
             which: BenchWhich::Pipeline(args),

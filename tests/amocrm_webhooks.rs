@@ -123,6 +123,15 @@ async fn bad_deliveries_are_refused_and_store_nothing() {
     let last = other.len() - 1;
     other[last].1 = "99999".into();
     assert_eq!(post(&url, &other).await, 400);
+    // A well-formed payload sent as another content type: 415.
+    let json = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(serde_urlencoded::to_string(status_items(1)).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json.status(), 415);
     assert_eq!(count(&db.pool, "SELECT count(*) FROM inbox").await, 0);
     shutdown.cancel();
     db.drop_now().await.unwrap();

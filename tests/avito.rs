@@ -425,6 +425,15 @@ async fn webhook_intake_answers_fast_and_stores_only_buyer_messages_once() {
     assert_eq!(huge.status(), 413);
     let broken = http.post(&url).body("{not json").send().await.unwrap();
     assert_eq!(broken.status(), 400);
+    // A well-formed delivery sent as another content type: 415.
+    let form = http
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(serde_json::to_vec(&delivery("m-415", 1, "text")).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 415);
     assert_eq!(count(&db.pool, "SELECT count(*) FROM inbox").await, 1);
     shutdown.cancel();
     db.drop_now().await.unwrap();

@@ -108,8 +108,26 @@ impl DaemonProcess {
         config: &std::path::Path,
         env: &[(&str, String)],
     ) -> Result<DaemonProcess, BenchError> {
+        DaemonProcess::start_wrapped(config, env, &[])
+    }
+
+    /// Starts it through `wrapper` (a program and its arguments that ends by
+    /// exec-ing the command appended to it, e.g. one confining the process),
+    /// so the child's pid is the daemon's.
+    pub(crate) fn start_wrapped(
+        config: &std::path::Path,
+        env: &[(&str, String)],
+        wrapper: &[String],
+    ) -> Result<DaemonProcess, BenchError> {
         let exe = std::env::current_exe()?;
-        let mut command = std::process::Command::new(exe);
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = std::process::Command::new(program);
+                command.args(args).arg(exe);
+                command
+            }
+            None => std::process::Command::new(exe),
+        };
         command
             .arg("--config")
             .arg(config)

@@ -2,8 +2,10 @@
 //! account (a wrong one is 404), the body is parsed and checked against the
 //! account's subdomain and id, every lead change is stored in the inbox
 //! (deduplicated), and the answer is 200 at once (amoCRM waits 2 s);
-//! processing happens later. A malformed body is 400, logged, nothing stored.
-//! `POST /hooks/avito/{secret}`: Avito's messenger. `POST
+//! processing happens later. A malformed body is 400, logged, nothing stored;
+//! another content type than form-encoded 415 (a missing one is taken as
+//! form-encoded). `POST /hooks/avito/{secret}`: Avito's messenger (JSON; 415
+//! likewise). `POST
 //! /hooks/partner/{source}/{secret}`: a partner programme's lead (JSON), read
 //! through the source's field map and stored with its CRM job (200; a repeated
 //! lead id is 200 and stores nothing); an invalid lead is 422 with every
@@ -52,6 +54,7 @@ fn same_secret(a: &str, b: &str) -> bool {
 pub(super) async fn amocrm(
     State(state): State<AppState>,
     Path(secret): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
     let Some(account) = state
@@ -62,6 +65,9 @@ pub(super) async fn amocrm(
         tracing::warn!("A webhook arrived with an unknown secret; answered 404.");
         return StatusCode::NOT_FOUND.into_response();
     };
+    if !content_type_is(&headers, "application/x-www-form-urlencoded") {
+        return wrong_content_type("amocrm", "application/x-www-form-urlencoded");
+    }
     let payload = match webhook::parse(&body) {
         Ok(payload) => payload,
         Err(error) => {
@@ -143,6 +149,7 @@ impl std::fmt::Debug for AvitoHookAccount {
 pub(super) async fn avito(
     State(state): State<AppState>,
     Path(secret): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
     let Some(account) = state
@@ -153,6 +160,9 @@ pub(super) async fn avito(
         tracing::warn!("An Avito webhook arrived with an unknown secret; answered 404.");
         return StatusCode::NOT_FOUND.into_response();
     };
+    if !content_type_is(&headers, "json") {
+        return wrong_content_type("avito", "application/json");
+    }
     let ok = || {
         (
             StatusCode::OK,
@@ -231,11 +241,7 @@ pub(super) async fn partner(
         tracing::warn!(source = %source, "A partner webhook arrived with an unknown source or secret; answered 404.");
         return StatusCode::NOT_FOUND.into_response();
     };
-    let json_content = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_none_or(|v| v.to_ascii_lowercase().contains("json"));
-    if !json_content {
+    if !content_type_is(&headers, "json") {
         metrics::counter!("orderbridge_webhooks_total", "source" => "partner", "result" => "content_type")
             .increment(1);
         return (
@@ -289,6 +295,31 @@ pub(super) async fn partner(
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
     }
+}
+
+/// Whether the request's content type names `expected` (a request without
+/// one is taken as what the sender always sends).
+fn content_type_is(headers: &axum::http::HeaderMap, expected: &str) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.to_ascii_lowercase().contains(expected))
+}
+
+/// 415, logged and counted: the body is not read.
+fn wrong_content_type(source: &'static str, expected: &str) -> Response {
+    tracing::warn!(
+        source,
+        expected,
+        "A webhook with another content type was refused (415); nothing stored."
+    );
+    metrics::counter!("orderbridge_webhooks_total", "source" => source, "result" => "content_type")
+        .increment(1);
+    (
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        format!("send the webhook as {expected}"),
+    )
+        .into_response()
 }
 
 #[cfg(test)]

@@ -173,24 +173,29 @@ async fn database_faults(
     let status = loop {
         world.pump(args.rate);
         world.check_daemons()?;
-        // Is the server down right now (our own connection attempt)?
-        let down = tokio::time::timeout(
-            Duration::from_secs(1),
-            sqlx::ConnectOptions::connect(admin_probe.as_ref()),
-        )
-        .await
-        .map_or(true, |c| c.is_err());
-        if down {
+        // Is the server down (our own connection attempt) before and after
+        // the probe? A probe while it came back or went away proves nothing.
+        let server_down = || async {
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                sqlx::ConnectOptions::connect(admin_probe.as_ref()),
+            )
+            .await
+            .map_or(true, |c| c.is_err())
+        };
+        if server_down().await {
             down_seen.get_or_insert_with(Instant::now);
             let (status, body) = readyz(&http, &url).await;
-            probes_down += 1;
-            match status {
-                Some(503) if body.contains("database") && body.contains("unreachable") => {
-                    truthful_down += 1
+            if server_down().await {
+                probes_down += 1;
+                match status {
+                    Some(503) if body.contains("database") && body.contains("unreachable") => {
+                        truthful_down += 1
+                    }
+                    Some(200) => ready_while_down += 1,
+                    None => unanswered += 1,
+                    _ => {}
                 }
-                Some(200) => ready_while_down += 1,
-                None => unanswered += 1,
-                _ => {}
             }
         }
         if let Some(status) = restart.try_wait()? {

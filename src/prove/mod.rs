@@ -9,6 +9,7 @@
 pub mod crash;
 pub mod faults;
 pub mod load;
+pub mod security;
 pub mod world;
 
 use std::io::Write;

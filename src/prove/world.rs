@@ -23,7 +23,8 @@ use crate::sim::kaspi::{KaspiSim, KaspiSimConfig};
 use crate::store::ScratchDatabase;
 
 const KASPI_MAP: &str = "config/maps/kaspi.toml";
-const AMO_TOKEN: &str = "prove-token";
+pub(crate) const AMO_TOKEN: &str = "prove-token";
+pub(crate) const KASPI_TOKEN: &str = "kaspi-test-token";
 pub(crate) const HOOK_SECRET: &str = "prove-hook-secret";
 /// The amoCRM account's circuit key (`orderbridge circuit reset TARGET`).
 pub(crate) const AMO_TARGET: &str = "amocrm:main";
@@ -61,6 +62,8 @@ pub(crate) struct World {
     manager: u64,
     ports: Vec<u16>,
     env: Vec<(&'static str, String)>,
+    /// What every daemon is started through (empty: directly).
+    wrapper: Vec<String>,
     pub daemons: Vec<DaemonProcess>,
     pub rng: rand::rngs::StdRng,
     pub created: usize,
@@ -84,6 +87,19 @@ impl World {
         replicas: usize,
         seed: u64,
         env: &[(&'static str, String)],
+    ) -> Result<World, BenchError> {
+        World::start_wrapped(admin, db, replicas, seed, env, &[]).await
+    }
+
+    /// As [`World::start`], every daemon started through `wrapper` (see
+    /// [`DaemonProcess::start_wrapped`]).
+    pub async fn start_wrapped(
+        admin: &str,
+        db: &ScratchDatabase,
+        replicas: usize,
+        seed: u64,
+        env: &[(&'static str, String)],
+        wrapper: &[String],
     ) -> Result<World, BenchError> {
         let kaspi = KaspiSim::start(KaspiSimConfig::default()).await?;
         let amo = AmoSim::start(AmoSimConfig {
@@ -135,6 +151,7 @@ impl World {
             manager,
             ports,
             env: env.to_vec(),
+            wrapper: wrapper.to_vec(),
             daemons: Vec::new(),
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             created: 0,
@@ -158,7 +175,7 @@ impl World {
             "ORDERBRIDGE__HTTP__LISTEN",
             format!("127.0.0.1:{}", self.ports[i]),
         ));
-        DaemonProcess::start(&self.config, &env)
+        DaemonProcess::start_wrapped(&self.config, &env, &self.wrapper)
     }
 
     /// Replica `i`'s HTTP address (`http://127.0.0.1:PORT`).
@@ -603,7 +620,7 @@ crm_account = "main"
 map = "{KASPI_MAP}"
 base_url = "{kaspi}"
 poll_interval = "1s"
-token = "kaspi-test-token"
+token = "{KASPI_TOKEN}"
 "#,
         amo = amo.base_url(),
         kaspi = kaspi.base_url(),
