@@ -426,7 +426,7 @@ async fn a_403_stops_all_traffic_to_the_account_until_reset() {
     // No more traffic from this client, nor from another replica's.
     let error = reckless.users().await.unwrap_err();
     assert!(matches!(error, AmoError::CircuitOpen { .. }), "{error}");
-    assert!(matches!(error.classify(), RetryAction::RetryAfter { .. }));
+    assert!(matches!(error.classify(), RetryAction::Wait { .. }));
     let other = AmoClient::new(s.account(token()), s.db.pool.clone(), None).unwrap();
     assert!(matches!(
         other.users().await,
@@ -962,5 +962,42 @@ async fn a_disabled_webhook_is_subscribed_again() {
     assert_eq!(hooks.len(), 1);
     assert!(!hooks[0].disabled);
     assert_eq!(hooks[0].settings, vec!["status_lead".to_string()]);
+    s.finish().await;
+}
+
+/// Found by `orderbridge prove api-faults`: during a 429 storm every job kept
+/// its own short retry and the account drew 4 requests a second of 429s (a
+/// real account gets blocked for that). A 429 now pauses the whole account,
+/// longer for each 429 in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_pauses_the_whole_account_longer_each_time() {
+    let s = Setup::new(AmoSimConfig::default()).await;
+    let client = s.client().await;
+    client.users().await.unwrap();
+    s.sim.fault_every(Fault::TooManyRequests, 1);
+    let before = s.sim.requests().len();
+    let storm = Duration::from_secs(6);
+    let started = Instant::now();
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        callers.spawn(async move {
+            while started.elapsed() < storm {
+                let answer = client.users().await;
+                assert!(
+                    matches!(answer, Err(AmoError::RateLimited { .. })),
+                    "{answer:?}"
+                );
+            }
+        });
+    }
+    while let Some(done) = callers.join_next().await {
+        done.unwrap();
+    }
+    let during = s.sim.requests().len() - before;
+    // Unpaused, four callers at 7 a second would have sent about 42.
+    assert!(during <= 10, "{during} requests during a {storm:?} storm");
+    s.sim.lift_steady_fault();
+    tokio::time::sleep(Duration::from_secs(1)).await;
     s.finish().await;
 }

@@ -135,6 +135,9 @@ async fn a_pending_job_absorbs_enqueues_with_its_dedupe_key() {
     assert_eq!(jobs[0].id, third.id);
     assert_eq!(jobs[0].failures, 1, "the backoff carries over");
     assert!(jobs[0].run_at.is_some_and(|r| r > now));
+    // And the reason of the wait with it (found by `prove api-faults`: a job
+    // folded while the circuit was open lost the words a reset looks for).
+    assert_eq!(jobs[0].last_error.as_deref(), Some("503"));
     drop(conn);
     db.drop_now().await.unwrap();
 }

@@ -380,7 +380,7 @@ async fn finish_unsuccessful(
                                   $5::text[], $6::timestamptz[], $7::text[])
                  AS f(id, attempt, started_at, finished_at, outcome, run_at, error)
          ), dup AS (
-             SELECT j.id AS mine, p.id AS sibling, f.run_at,
+             SELECT j.id AS mine, p.id AS sibling, f.run_at, f.error,
                     j.failures + CASE WHEN f.outcome = 'released' THEN 0 ELSE 1 END AS failures
              FROM f
              JOIN outbox_jobs j ON j.id = f.id AND j.attempts = f.attempt
@@ -391,6 +391,12 @@ async fn finish_unsuccessful(
              UPDATE outbox_jobs p
              SET run_at = CASE WHEN dup.run_at IS NULL THEN p.run_at
                                ELSE GREATEST(COALESCE(p.run_at, '-infinity'), dup.run_at) END,
+                 -- The reason of the wait it takes over goes with it (a circuit
+                 -- reset finds the jobs it put off by their last error).
+                 last_error = CASE WHEN dup.run_at IS NOT NULL
+                                        AND dup.run_at >= COALESCE(p.run_at, '-infinity')
+                                   THEN COALESCE(dup.error, p.last_error)
+                                   ELSE p.last_error END,
                  failures = GREATEST(p.failures, dup.failures), updated_at = now()
              FROM dup WHERE p.id = dup.sibling
          ), removed AS (

@@ -37,3 +37,20 @@ pub async fn reserve(
     .await?;
     Ok(Duration::from_micros(wait_us.max(0) as u64))
 }
+
+/// Pushes the target's next slot to at least `pause` from now (a 429: every
+/// replica waits); earlier reservations keep their slots.
+pub async fn pause(pool: &PgPool, target: &str, pause: Duration) -> Result<(), StoreError> {
+    let pause_us = i64::try_from(pause.as_micros()).unwrap_or(i64::MAX);
+    sqlx::query(
+        "INSERT INTO rate_slots (target, next_at)
+         VALUES ($1, clock_timestamp() + make_interval(secs => $2::float8 / 1e6))
+         ON CONFLICT (target) DO UPDATE
+         SET next_at = GREATEST(rate_slots.next_at, EXCLUDED.next_at)",
+    )
+    .bind(target)
+    .bind(pause_us)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

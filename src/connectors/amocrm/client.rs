@@ -27,6 +27,8 @@ tokio::task_local! {
 /// How often a closed or open circuit is re-read from the database (another
 /// replica may have opened it, or an operator reset it).
 const CIRCUIT_RECHECK: Duration = Duration::from_secs(2);
+/// The longest account-wide pause after 429s in a row.
+const THROTTLE_MAX: Duration = Duration::from_secs(60);
 /// An access token this close to expiry is refreshed before use.
 const EXPIRY_MARGIN_S: i64 = 60;
 
@@ -115,6 +117,8 @@ pub(super) struct Inner {
     refresh_flight: tokio::sync::Mutex<()>,
     cached_access: std::sync::Mutex<Option<(String, i64)>>,
     circuit: std::sync::Mutex<CircuitState>,
+    /// The account-wide pause after 429s: (until, 429s in a row).
+    throttle: std::sync::Mutex<(Option<Instant>, u32)>,
     pub pipelines: tokio::sync::RwLock<Option<Vec<super::Pipeline>>>,
 }
 
@@ -146,6 +150,7 @@ impl AmoClient {
                     open: None,
                     checked: None,
                 }),
+                throttle: std::sync::Mutex::new((None, 0)),
                 pipelines: tokio::sync::RwLock::new(None),
             }),
         })
@@ -199,6 +204,48 @@ impl AmoClient {
         }
         if let Some(limiter) = &self.inner.limiter {
             limiter.until_ready().await;
+        }
+        // The account-wide pause after 429s (other replicas' pauses come
+        // through the shared slots).
+        let paused_until = self.throttle_state().0;
+        if let Some(until) = paused_until.filter(|u| *u > Instant::now()) {
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
+
+    fn throttle_state(&self) -> std::sync::MutexGuard<'_, (Option<Instant>, u32)> {
+        self.inner
+            .throttle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A 429: the whole account pauses (every replica, through the shared
+    /// slots), `retry_after` (at least 1 s) doubled for each 429 in a row, at
+    /// most [`THROTTLE_MAX`]. amoCRM blocks an account that keeps getting
+    /// 429s; before this, every job kept its own short retry, and a 429 storm
+    /// drew 4 requests a second (found by `prove api-faults`).
+    async fn pause_account(&self, retry_after: Option<Duration>) {
+        let pause = {
+            let mut state = self.throttle_state();
+            state.1 = state.1.saturating_add(1);
+            let base = retry_after
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_secs(1));
+            let pause = base
+                .saturating_mul(1u32 << (state.1 - 1).min(6))
+                .min(THROTTLE_MAX);
+            state.0 = Some(Instant::now() + pause);
+            pause
+        };
+        tracing::warn!(target_key = %self.inner.target, pause_ms = pause.as_millis() as u64,
+            "amoCRM rate-limited the account; every request to it pauses.");
+        if self.inner.shared_spacing.is_some() {
+            if let Err(error) =
+                store::rate_slots::pause(&self.inner.pool, &self.inner.target, pause).await
+            {
+                tracing::warn!(%error, "Could not share the pause with other replicas.");
+            }
         }
     }
 
@@ -315,6 +362,12 @@ impl AmoClient {
         if !taken {
             self.wait_for_slot().await;
         }
+        // A 403 met by another request while this one waited for its slot
+        // stops this one too (found by `prove api-faults`: requests queued
+        // behind the limiter went on hitting the blocked account).
+        if let Some(open) = self.cached_open_circuit() {
+            return Err(open);
+        }
         let started = Instant::now();
         let response = request.send().await.map_err(|e| self.transport_error(e))?;
         let status = response.status();
@@ -350,6 +403,7 @@ impl AmoClient {
         match status {
             200..=299 => {
                 self.circuit_succeeded().await;
+                self.throttle_state().1 = 0;
                 Ok(answer)
             }
             429 => {
@@ -365,6 +419,7 @@ impl AmoClient {
                     .increment(1);
                 tracing::warn!(target_key = %self.inner.target, retry_after_s = retry_after.map(|d| d.as_secs()),
                     "amoCRM answered 429 Too Many Requests.");
+                self.pause_account(retry_after).await;
                 Err(AmoError::RateLimited { retry_after })
             }
             403 => {
@@ -613,15 +668,23 @@ impl AmoClient {
             metrics::gauge!("orderbridge_circuit_open", "target" => self.inner.target.clone())
                 .set(if open { 1.0 } else { 0.0 });
         }
+        match self.cached_open_circuit() {
+            Some(open) => Err(open),
+            // Closed, or the cool-down has passed: let this call try (half-open).
+            None => Ok(()),
+        }
+    }
+
+    /// The open circuit as this process knows it (no database read).
+    fn cached_open_circuit(&self) -> Option<AmoError> {
         let state = self.circuit_state();
         match &state.open {
-            Some((until, reason)) if *until > Instant::now() => Err(AmoError::CircuitOpen {
+            Some((until, reason)) if *until > Instant::now() => Some(AmoError::CircuitOpen {
                 target: self.inner.target.clone(),
                 reason: reason.clone(),
                 remaining: until.saturating_duration_since(Instant::now()),
             }),
-            // Closed, or the cool-down has passed: let this call try (half-open).
-            _ => Ok(()),
+            _ => None,
         }
     }
 

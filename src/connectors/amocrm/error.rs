@@ -59,6 +59,9 @@ pub enum AmoError {
     Store(#[from] StoreError),
 }
 
+/// After the 403 itself, when a job comes back to meet the open circuit.
+const BLOCKED_RECHECK: Duration = Duration::from_secs(5);
+
 impl AmoError {
     /// What the outbox should do after this error.
     pub fn classify(&self) -> RetryAction {
@@ -71,13 +74,20 @@ impl AmoError {
                 error: text,
             },
             AmoError::RateLimited { retry_after: None } => RetryAction::throttled(text),
-            AmoError::CircuitOpen { remaining, .. } => RetryAction::RetryAfter {
+            // Not the job's failure: it waits for the account (the cool-down,
+            // or an operator's `circuit reset`, which makes it due at once),
+            // however long the block lasts; never dead-lettered for it
+            // (found by `prove api-faults`: a job that had met 500s and
+            // timeouts before died of retries during a 30-second block).
+            AmoError::CircuitOpen { remaining, .. } => RetryAction::Wait {
                 after: *remaining,
-                error: text,
+                reason: text,
             },
-            // The circuit is open now: come back after the floor; the next attempt
-            // meets the open circuit and waits out its cool-down.
-            AmoError::Blocked { .. } => RetryAction::throttled(text),
+            // The circuit is open now: the next attempt meets it and waits.
+            AmoError::Blocked { .. } => RetryAction::Wait {
+                after: BLOCKED_RECHECK,
+                reason: text,
+            },
             AmoError::Timeout(_) => RetryAction::timeout(text),
             AmoError::GatewayTimeout
             | AmoError::Server { .. }
