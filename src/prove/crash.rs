@@ -19,10 +19,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use secrecy::ExposeSecret;
 
 use super::world::World;
-use super::{report, ProveError};
+use super::ProveError;
 use crate::bench::{failed, BenchError};
 use crate::config::Settings;
 use crate::store::ScratchDatabase;
@@ -48,17 +47,10 @@ pub async fn run(
     args: &CrashArgs,
     out: &mut impl Write,
 ) -> Result<(), ProveError> {
-    let admin = settings.database.url.expose_secret().to_string();
-    crate::store::create_database_if_missing(&admin)
-        .await
-        .map_err(BenchError::from)?;
-    let db = ScratchDatabase::create(&admin, "orderbridge_prove", 16)
-        .await
-        .map_err(BenchError::from)?;
-    let result = exercise(&admin, &db, args).await;
-    db.drop_now().await.map_err(BenchError::from)?;
-    let (figures, broken) = result?;
-    report(out, &figures, &broken)
+    super::in_scratch_database(settings, out, async |admin, db| {
+        exercise(admin, db, args).await
+    })
+    .await
 }
 
 async fn exercise(

@@ -24,15 +24,12 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use secrecy::ExposeSecret;
-
 use super::world::{count, World, AMO_TARGET};
-use super::{report, ProveError};
+use super::ProveError;
 use crate::bench::{failed, BenchError};
 use crate::config::Settings;
 use crate::sim::amocrm::Fault as AmoFault;
 use crate::sim::kaspi::KaspiFault;
-use crate::store::ScratchDatabase;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FaultArgs {
@@ -66,15 +63,8 @@ pub async fn run(
     args: &FaultArgs,
     out: &mut impl Write,
 ) -> Result<(), ProveError> {
-    let admin = settings.database.url.expose_secret().to_string();
-    crate::store::create_database_if_missing(&admin)
-        .await
-        .map_err(BenchError::from)?;
-    let db = ScratchDatabase::create(&admin, "orderbridge_prove", 16)
-        .await
-        .map_err(BenchError::from)?;
-    let result = async {
-        let mut world = World::start(&admin, &db, 1, args.seed, &[]).await?;
+    super::in_scratch_database(settings, out, async |admin, db| {
+        let mut world = World::start(admin, db, 1, args.seed, &[]).await?;
         let mut figures = match suite {
             Suite::Database => database_faults(&mut world, &db.name, args).await?,
             Suite::Apis => api_faults(&mut world, args).await?,
@@ -84,26 +74,12 @@ pub async fn run(
         common.push(("converge_s", format!("{converge_s:.1}")));
         common.append(&mut figures.0);
         broken.append(&mut figures.1);
-        Ok::<_, BenchError>((common, broken))
-    }
-    .await;
-    db.drop_now().await.map_err(BenchError::from)?;
-    let (figures, broken) = result?;
-    report(out, &figures, &broken)
+        Ok((common, broken))
+    })
+    .await
 }
 
 type Figures = (Vec<(&'static str, String)>, Vec<String>);
-
-/// Traffic for `span`, checking the daemon is alive.
-async fn flow(world: &mut World, rate: f64, span: Duration) -> Result<(), BenchError> {
-    let until = Instant::now() + span;
-    while Instant::now() < until {
-        world.pump(rate);
-        world.check_daemons()?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
 
 /// What `/readyz` answered: its status and its database check.
 async fn readyz(http: &reqwest::Client, url: &str) -> (Option<u16>, String) {
@@ -124,7 +100,7 @@ async fn database_faults(
 ) -> Result<Figures, BenchError> {
     let phase = Duration::from_secs(args.phase_secs);
     let mut broken = Vec::new();
-    flow(world, args.rate, phase / 2).await?;
+    world.flow(args.rate, phase / 2).await?;
 
     // Connections killed every 2 s.
     let mut killed = 0i64;
@@ -230,7 +206,7 @@ async fn database_faults(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    flow(world, args.rate, phase / 2).await?;
+    world.flow(args.rate, phase / 2).await?;
 
     if probes_down == 0 {
         broken.push("the restart was never seen (the server answered throughout)".into());
@@ -313,7 +289,7 @@ async fn api_faults(world: &mut World, args: &FaultArgs) -> Result<Figures, Benc
     let phase = Duration::from_secs(args.phase_secs);
     let mut figures: Vec<(&'static str, String)> = Vec::new();
     let mut broken = Vec::new();
-    flow(world, args.rate, phase / 2).await?;
+    world.flow(args.rate, phase / 2).await?;
     for api in ["kaspi", "amocrm"] {
         for trouble in Trouble::ALL {
             eprintln!("prove api-faults: {api} {}", trouble.name());
@@ -339,7 +315,7 @@ async fn api_faults(world: &mut World, args: &FaultArgs) -> Result<Figures, Benc
                 ),
             }
             let requests_before = requests(world, api);
-            flow(world, args.rate, phase).await?;
+            world.flow(args.rate, phase).await?;
             world.kaspi.lift_steady_fault();
             world.amo.lift_steady_fault();
             let sent = requests(world, api) - requests_before;
@@ -382,7 +358,7 @@ async fn api_faults(world: &mut World, args: &FaultArgs) -> Result<Figures, Benc
     eprintln!("prove api-faults: amocrm 403 block");
     let before = world.amo.requests().len();
     world.amo.block();
-    flow(world, args.rate, phase).await?;
+    world.flow(args.rate, phase).await?;
     let during: Vec<_> = world.amo.requests().into_iter().skip(before).collect();
     let first_403 = during.iter().find(|r| r.status == 403).map(|r| r.at);
     let late = first_403.map_or(0, |first| {
@@ -438,7 +414,7 @@ async fn api_faults(world: &mut World, args: &FaultArgs) -> Result<Figures, Benc
     if resumed.is_none() {
         broken.push("no lead made within 60 s after the circuit reset".into());
     }
-    flow(world, args.rate, phase / 2).await?;
+    world.flow(args.rate, phase / 2).await?;
     let waiting = count(
         &world.pool,
         "SELECT count(*) FROM outbox_jobs WHERE state IN ('pending', 'running')",

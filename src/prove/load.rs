@@ -18,14 +18,11 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use secrecy::ExposeSecret;
-
 use super::world::{World, HOOK_SECRET};
-use super::{report, ProveError};
+use super::ProveError;
 use crate::bench::pipeline::peak_rss_mb;
 use crate::bench::{failed, BenchError};
 use crate::config::Settings;
-use crate::store::ScratchDatabase;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
@@ -59,18 +56,11 @@ pub async fn run(
     args: &LoadArgs,
     out: &mut impl Write,
 ) -> Result<(), ProveError> {
-    let admin = settings.database.url.expose_secret().to_string();
-    crate::store::create_database_if_missing(&admin)
-        .await
-        .map_err(BenchError::from)?;
-    let db = ScratchDatabase::create(&admin, "orderbridge_prove", 16)
-        .await
-        .map_err(BenchError::from)?;
-    let result = async {
-        let mut world = World::start(&admin, &db, 1, args.seed, &[]).await?;
+    super::in_scratch_database(settings, out, async |admin, db| {
+        let mut world = World::start(admin, db, 1, args.seed, &[]).await?;
         let mut figures = Vec::new();
         let mut broken = Vec::new();
-        flow(&mut world, args.rate, Duration::from_secs(5)).await?;
+        world.flow(args.rate, Duration::from_secs(5)).await?;
         for (i, n) in args.backlogs.iter().enumerate() {
             backlog(&mut world, i, *n, args, &mut figures, &mut broken).await?;
         }
@@ -80,23 +70,9 @@ pub async fn run(
         common.push(("converge_s", format!("{converge_s:.1}")));
         common.append(&mut figures);
         promises.append(&mut broken);
-        Ok::<_, BenchError>((common, promises))
-    }
-    .await;
-    db.drop_now().await.map_err(BenchError::from)?;
-    let (figures, broken) = result?;
-    report(out, &figures, &broken)
-}
-
-/// Traffic for `span`, checking the daemon is alive.
-async fn flow(world: &mut World, rate: f64, span: Duration) -> Result<(), BenchError> {
-    let until = Instant::now() + span;
-    while Instant::now() < until {
-        world.pump(rate);
-        world.check_daemons()?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
+        Ok((common, promises))
+    })
+    .await
 }
 
 /// Figure names of the first and the second backlog.

@@ -23,6 +23,32 @@ pub enum ProveError {
     Broken(String),
 }
 
+/// Runs `suite` in a scratch database on the configured server (dropped
+/// after, whatever happened), then reports its figures and broken promises.
+pub(crate) async fn in_scratch_database(
+    settings: &crate::config::Settings,
+    out: &mut impl Write,
+    suite: impl AsyncFnOnce(
+        &str,
+        &crate::store::ScratchDatabase,
+    ) -> Result<world::Outcome, crate::bench::BenchError>,
+) -> Result<(), ProveError> {
+    use secrecy::ExposeSecret;
+    let admin = settings.database.url.expose_secret().to_string();
+    crate::store::create_database_if_missing(&admin)
+        .await
+        .map_err(crate::bench::BenchError::from)?;
+    let db = crate::store::ScratchDatabase::create(&admin, "orderbridge_prove", 16)
+        .await
+        .map_err(crate::bench::BenchError::from)?;
+    let result = suite(&admin, &db).await;
+    db.drop_now()
+        .await
+        .map_err(crate::bench::BenchError::from)?;
+    let (figures, broken) = result?;
+    report(out, &figures, &broken)
+}
+
 /// Prints the figures, then fails when any promise was broken.
 pub(crate) fn report(
     out: &mut impl Write,

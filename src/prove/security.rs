@@ -3,7 +3,7 @@
 //! (10001, `setpriv`) inside a mount namespace whose root filesystem is
 //! read-only (`unshare -m`, `/` remounted read-only: what `docker run
 //! --read-only` gives), and must do its whole job there (the suites' common
-//! verdict), answer `/readyz` ready, and hold no file open for writing. The
+//! verdict), answer `/readyz` ready, and open no file for writing. The
 //! configuration's `Debug` output must not show any configured secret.
 //!
 //! Where the machine cannot confine a process (no `unshare`/`setpriv`, or no
@@ -18,10 +18,8 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use secrecy::ExposeSecret;
-
 use super::world::{World, AMO_TOKEN, HOOK_SECRET, KASPI_TOKEN};
-use super::{report, ProveError};
+use super::ProveError;
 use crate::bench::{failed, BenchError};
 use crate::config::Settings;
 use crate::store::ScratchDatabase;
@@ -50,17 +48,10 @@ pub async fn run(
     args: &SecurityArgs,
     out: &mut impl Write,
 ) -> Result<(), ProveError> {
-    let admin = settings.database.url.expose_secret().to_string();
-    crate::store::create_database_if_missing(&admin)
-        .await
-        .map_err(BenchError::from)?;
-    let db = ScratchDatabase::create(&admin, "orderbridge_prove", 16)
-        .await
-        .map_err(BenchError::from)?;
-    let result = exercise(&admin, &db, args).await;
-    db.drop_now().await.map_err(BenchError::from)?;
-    let (figures, broken) = result?;
-    report(out, &figures, &broken)
+    super::in_scratch_database(settings, out, async |admin, db| {
+        exercise(admin, db, args).await
+    })
+    .await
 }
 
 /// The last `USER` of the build file's final stage.
@@ -118,6 +109,17 @@ fn inspect(pid: u32) -> Result<(u32, bool, Vec<String>), BenchError> {
     let mut writable = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let entry = entry?;
+        // Standard input, output and error are what it was given (its logs
+        // go to standard output by design), not files it opened (CI's run
+        // caught the harness's own redirected output here).
+        let fd: u32 = entry
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .unwrap_or(u32::MAX);
+        if fd <= 2 {
+            continue;
+        }
         let Ok(target) = std::fs::read_link(entry.path()) else {
             continue;
         };

@@ -277,6 +277,17 @@ impl World {
         }
     }
 
+    /// Traffic for `span`, checking the daemons are alive.
+    pub async fn flow(&mut self, rate: f64, span: Duration) -> Result<(), BenchError> {
+        let until = Instant::now() + span;
+        while Instant::now() < until {
+            self.pump(rate);
+            self.check_daemons()?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
     /// Orders linked to a lead so far.
     pub async fn linked(&self) -> Result<i64, BenchError> {
         count(&self.pool, "SELECT count(*) FROM crm_links").await
