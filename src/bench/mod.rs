@@ -51,6 +51,59 @@ pub(crate) async fn in_scratch_database(
     Ok(())
 }
 
+/// The configuration text of a daemon with one amoCRM account (`main`, long-
+/// lived token) and one Kaspi shop on the shipped map, against the
+/// simulators, listening on `port` (also its public URL, so it subscribes
+/// its webhook): shared by `bench pipeline` and the proof suites.
+pub(crate) struct KaspiAmoDaemon<'a> {
+    pub amo: &'a crate::sim::amocrm::AmoSim,
+    pub kaspi: &'a crate::sim::kaspi::KaspiSim,
+    pub port: u16,
+    pub shop: &'a str,
+    pub hook_secret: &'a str,
+    pub amo_token: &'a str,
+    pub kaspi_token: &'a str,
+    pub poll: Duration,
+    pub events_poll: Duration,
+}
+
+impl KaspiAmoDaemon<'_> {
+    pub(crate) fn config_text(&self) -> String {
+        format!(
+            r#"
+[http]
+listen = "127.0.0.1:{port}"
+public_url = "http://127.0.0.1:{port}"
+[crm_accounts.main]
+base_url = "{amo}"
+subdomain = "example"
+account_id = 31361463
+webhook_secret = "{hook_secret}"
+events_poll_interval = "{events}s"
+[crm_accounts.main.auth]
+mode = "long_lived"
+token = "{amo_token}"
+[shops.{shop}]
+marketplace = "kaspi"
+crm_account = "main"
+map = "config/maps/kaspi.toml"
+base_url = "{kaspi}"
+poll_interval = "{poll}s"
+token = "{kaspi_token}"
+"#,
+            port = self.port,
+            amo = self.amo.base_url(),
+            kaspi = self.kaspi.base_url(),
+            hook_secret = self.hook_secret,
+            amo_token = self.amo_token,
+            kaspi_token = self.kaspi_token,
+            shop = self.shop,
+            poll = self.poll.as_secs(),
+            events = self.events_poll.as_secs(),
+        )
+    }
+}
+
 /// Writes a benchmark daemon's configuration (`[database]` pointing at
 /// `database` on the server of `admin`, then `text`), checked by loading it;
 /// its path.

@@ -357,30 +357,18 @@ fn bench_config(
     kaspi: &KaspiSim,
     port: u16,
 ) -> Result<std::path::PathBuf, BenchError> {
-    let text = format!(
-        r#"
-[http]
-listen = "127.0.0.1:{port}"
-public_url = "http://127.0.0.1:{port}"
-[crm_accounts.main]
-base_url = "{amo}"
-subdomain = "example"
-account_id = 31361463
-webhook_secret = "{HOOK_SECRET}"
-[crm_accounts.main.auth]
-mode = "long_lived"
-token = "{AMO_TOKEN}"
-[shops.kaspi_bench]
-marketplace = "kaspi"
-crm_account = "main"
-map = "{KASPI_MAP}"
-base_url = "{kaspi}"
-poll_interval = "{poll}s"
-token = "kaspi-test-token"
-"#,
-        amo = amo.base_url(),
-        kaspi = kaspi.base_url(),
-        poll = POLL.as_secs(),
-    );
+    let text = super::KaspiAmoDaemon {
+        amo,
+        kaspi,
+        port,
+        shop: "kaspi_bench",
+        hook_secret: HOOK_SECRET,
+        amo_token: AMO_TOKEN,
+        kaspi_token: "kaspi-test-token",
+        poll: POLL,
+        // The daemon's default.
+        events_poll: Duration::from_secs(60),
+    }
+    .config_text();
     config_file("pipeline", admin, database, &text)
 }

@@ -611,29 +611,16 @@ async fn expected_stages(
 }
 
 fn daemon_config(amo: &AmoSim, kaspi: &KaspiSim, port: u16) -> String {
-    format!(
-        r#"
-[http]
-listen = "127.0.0.1:{port}"
-public_url = "http://127.0.0.1:{port}"
-[crm_accounts.main]
-base_url = "{amo}"
-subdomain = "example"
-account_id = 31361463
-webhook_secret = "{HOOK_SECRET}"
-events_poll_interval = "3s"
-[crm_accounts.main.auth]
-mode = "long_lived"
-token = "{AMO_TOKEN}"
-[shops.kaspi_prove]
-marketplace = "kaspi"
-crm_account = "main"
-map = "{KASPI_MAP}"
-base_url = "{kaspi}"
-poll_interval = "1s"
-token = "{KASPI_TOKEN}"
-"#,
-        amo = amo.base_url(),
-        kaspi = kaspi.base_url(),
-    )
+    crate::bench::KaspiAmoDaemon {
+        amo,
+        kaspi,
+        port,
+        shop: "kaspi_prove",
+        hook_secret: HOOK_SECRET,
+        amo_token: AMO_TOKEN,
+        kaspi_token: KASPI_TOKEN,
+        poll: Duration::from_secs(1),
+        events_poll: Duration::from_secs(3),
+    }
+    .config_text()
 }
