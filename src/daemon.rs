@@ -702,8 +702,14 @@ pub async fn start_pollers(
                         let (lease, stop) = (lease.clone(), stop.clone());
                         async move {
                             crate::sync::every_while_leased(lease, interval, stop, || async {
-                                // A failure is logged and recorded in the cursor; the next round resumes.
-                                let _ = poller.poll_once(chrono::Utc::now()).await;
+                                // A failure is logged and recorded in the cursor; the next round
+                                // resumes (later, while Kaspi throttles).
+                                match poller.poll_once(chrono::Utc::now()).await {
+                                    Err(crate::sync::kaspi_poll::PollError::Kaspi(error)) => {
+                                        crate::sync::Round::after(&error.classify())
+                                    }
+                                    _ => crate::sync::Round::Done,
+                                }
                             })
                             .await
                         }
@@ -731,8 +737,14 @@ pub async fn start_pollers(
                         let (lease, stop) = (shop_lease.clone(), stop.clone());
                         async move {
                             crate::sync::every_while_leased(lease, interval, stop, || async {
-                                // A failure is logged and recorded in the cursor; the next round resumes.
-                                let _ = poller.poll_once().await;
+                                // A failure is logged and recorded in the cursor; the next round
+                                // resumes (later, while Avito throttles).
+                                match poller.poll_once().await {
+                                    Err(crate::sync::avito_poll::AvitoPollError::Avito(error)) => {
+                                        crate::sync::Round::after(&error.classify())
+                                    }
+                                    _ => crate::sync::Round::Done,
+                                }
                             })
                             .await
                         }
@@ -880,14 +892,19 @@ async fn run_messenger(
     shutdown: CancellationToken,
 ) {
     crate::sync::every_while_leased(lease, interval, shutdown, || async {
+        let mut pace = crate::sync::Round::Done;
         if let Err(error) = crate::sync::avito_leads::poll_unread(&client, &pool).await {
             tracing::warn!(account = %client.account(), %error, "Polling Avito's unread chats failed.");
+            if let crate::sync::avito_leads::LeadError::Avito(error) = &error {
+                pace = crate::sync::Round::after(&error.classify());
+            }
         }
         if let Err(error) =
             crate::sync::avito_leads::process_inbox(&client, &pool, &crm_target).await
         {
             tracing::warn!(account = %client.account(), %error, "Processing Avito messages failed; they stay in the inbox.");
         }
+        pace
     })
     .await
 }
@@ -972,11 +989,18 @@ pub async fn start_partners(
                     crate::sync::every_while_leased(lease, interval, stop, || async {
                         match crate::sync::partner::poll_source(&pool, &client).await {
                             Ok((stored, refused)) if stored + refused > 0 => {
-                                tracing::info!(source = %client.source(), stored, refused, "Partner leads polled.")
+                                tracing::info!(source = %client.source(), stored, refused, "Partner leads polled.");
+                                crate::sync::Round::Done
                             }
-                            Ok(_) => {}
+                            Ok(_) => crate::sync::Round::Done,
                             Err(error) => {
-                                tracing::warn!(source = %client.source(), %error, "Polling the partner's leads failed; the cursor stays, the next round resumes.")
+                                tracing::warn!(source = %client.source(), %error, "Polling the partner's leads failed; the cursor stays, the next round resumes.");
+                                match &error {
+                                    crate::sync::partner::PartnerLeadError::Partner(error) => {
+                                        crate::sync::Round::after(&crate::connectors::partner::classify(error))
+                                    }
+                                    _ => crate::sync::Round::Done,
+                                }
                             }
                         }
                     })

@@ -1,6 +1,8 @@
-//! Avito messenger leads through the daemon as deployed (`run_until`): the
-//! Avito and amoCRM simulators over HTTP, a real PostgreSQL, the shipped Avito
-//! map. No webhook is registered: the unread-chats poll finds the messages.
+//! Avito messenger leads, and Avito orders beside a Kaspi shop, through the
+//! daemon as deployed (`run_until`): the Avito and amoCRM simulators over
+//! HTTP, a real PostgreSQL, the shipped maps. No webhook is registered: the
+//! unread-chats poll finds the messages. Also how both marketplaces' pollers
+//! pace themselves through a 429 storm.
 
 mod common;
 
@@ -227,6 +229,96 @@ async fn an_avito_order_becomes_a_lead_with_the_shipped_maps_sharing_one_crm_acc
         fields.contains("Пункт выдачи"),
         "the delivery kind as the select's option: {fields}"
     );
+    stop.cancel();
+    daemon.await.unwrap();
+    db.drop_now().await.unwrap();
+}
+
+/// The api-faults suite's finding: through a 429 storm both marketplace
+/// pollers went on polling every second (Avito got 2.6 requests a second),
+/// where both APIs' facts say to back off exponentially. A throttled round
+/// now doubles the wait before the next; the first good round resets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_slows_both_marketplace_pollers_down_and_they_recover() {
+    use orderbridge::sim::avito::{AvitoFault, SimAvitoOrderSpec};
+    use orderbridge::sim::kaspi::{KaspiFault, KaspiSim, KaspiSimConfig};
+    let db = fresh_db().await;
+    let avito = AvitoSim::start(AvitoSimConfig::default()).await.unwrap();
+    let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
+    let amo = AmoSim::start(AmoSimConfig {
+        long_lived_token: Some(AMO_TOKEN.into()),
+        ..AmoSimConfig::default()
+    })
+    .await
+    .unwrap();
+    seed_crm_from_maps(
+        &amo,
+        &[
+            std::path::Path::new("config/maps/kaspi.toml"),
+            std::path::Path::new("config/maps/avito.toml"),
+        ],
+    );
+    let (stop, daemon) = start_daemon(settings_with(
+        &db.name,
+        &amo,
+        &avito,
+        Some(&kaspi.base_url()),
+    ));
+    wait_for("both shops polled", Duration::from_secs(30), || async {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM poll_cursors WHERE last_success_at IS NOT NULL",
+        )
+        .await
+            == 2
+    })
+    .await;
+    let avito_polls = |sim: &AvitoSim| {
+        sim.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == "/order-management/1/orders")
+            .count()
+    };
+    let kaspi_polls = |sim: &KaspiSim| {
+        sim.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with("/orders"))
+            .count()
+    };
+    avito.fault_every(AvitoFault::TooManyRequests, 1);
+    kaspi.fault_every(KaspiFault::TooManyRequests, 1);
+    let (avito_before, kaspi_before) = (avito_polls(&avito), kaspi_polls(&kaspi));
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (avito_storm, kaspi_storm) = (
+        avito_polls(&avito) - avito_before,
+        kaspi_polls(&kaspi) - kaspi_before,
+    );
+    // At the usual pace (1 s) 12 s are 12 rounds; waiting 2, 4, 8 s after
+    // the throttled ones leaves at most 4.
+    assert!(
+        (1..=4).contains(&avito_storm),
+        "Avito order polls during 12 s of 429s: {avito_storm}"
+    );
+    assert!(
+        (1..=4).contains(&kaspi_storm),
+        "Kaspi order polls during 12 s of 429s: {kaspi_storm}"
+    );
+    avito.lift_steady_fault();
+    kaspi.lift_steady_fault();
+    // Both come back by themselves: new orders at both get their leads.
+    let mut spec = SimAvitoOrderSpec::new("70000000077", chrono::Utc::now());
+    spec.buyer_phone = Some("79260000077".into());
+    avito.create_order(spec);
+    kaspi.create_order(orderbridge::sim::kaspi::SimOrderSpec::new(
+        "700000077",
+        chrono::Utc::now().timestamp_millis(),
+    ));
+    wait_for(
+        "both new orders' leads",
+        Duration::from_secs(60),
+        || async { amo.leads().len() == 2 },
+    )
+    .await;
     stop.cancel();
     daemon.await.unwrap();
     db.drop_now().await.unwrap();

@@ -598,6 +598,7 @@ async fn per_endpoint_limit_is_429_flat_without_rate_headers() {
     assert_eq!(get(&sim, &tok, "/order-management/1/orders").await.0, 200);
     assert_eq!(tracking(&sim, &tok, "1", "00000").await.0, 200);
     assert_eq!(sim.count_status(429), 1);
+    assert_eq!(sim.rate_limited(), 1);
 }
 
 #[tokio::test]
@@ -635,6 +636,7 @@ async fn global_per_second_cap_spans_endpoints() {
     let (status, body) = get(&sim, &tok, "/order-management/1/orders").await;
     assert_eq!(status, 429);
     assert_eq!(body["code"], 429);
+    assert_eq!(sim.rate_limited(), 2);
     // The token endpoint is not capped.
     token(&sim).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -862,6 +864,8 @@ async fn faults_use_the_envelope_of_the_path_and_spare_the_token() {
     .await;
     assert_eq!((status, body["code"].clone()), (429, json!(429)));
     assert!(headers.get("retry-after").is_none());
+    // An injected 429 is not the account's limit.
+    assert_eq!(sim.rate_limited(), 0);
 
     sim.inject(AvitoFault::ConnectionReset, 1);
     let err = client()

@@ -8,10 +8,11 @@
 //!   `scripts/restart-postgres.sh SECONDS`). While the server is down,
 //!   `/readyz` must say so (503 naming the database) on every probe; once it
 //!   is back, the daemon reconnects by itself and everything arrives.
-//! - **api-faults**: the Kaspi simulator, then amoCRM's, answers every 5th
-//!   request with a 500 (20 %), then holds every 5th until the client times
-//!   out, then cuts every 5th connection, then answers everything with 429 (a
-//!   storm); then amoCRM blocks the account (403 nginx page on every call):
+//! - **api-faults**: the Kaspi simulator, then Avito's, then amoCRM's,
+//!   answers every 5th request with a 500 (20 %), then holds every 5th until
+//!   the client times out, then cuts every 5th connection, then answers
+//!   everything with 429 (a storm); after each fault a new lead of that
+//!   marketplace's orders (amoCRM: any) must be made; then amoCRM blocks the account (403 nginx page on every call):
 //!   the daemon must stop all traffic to it at once (nothing more than the
 //!   requests already in flight, within a second) and `/readyz` must name the
 //!   open circuit, until support unblocks it and ops run `orderbridge circuit
@@ -19,7 +20,8 @@
 //!
 //! Both end like the crash suite ([`World::verdict`]): every order one lead
 //! in its stage, no lead moved backwards, every move at Kaspi once, no job
-//! left, never above 7 amoCRM requests in a second and no rate-limit 429.
+//! left, never above 7 amoCRM requests in a second and no rate-limit 429
+//! from amoCRM or Avito.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -29,6 +31,7 @@ use super::ProveError;
 use crate::bench::{failed, BenchError};
 use crate::config::Settings;
 use crate::sim::amocrm::Fault as AmoFault;
+use crate::sim::avito::AvitoFault;
 use crate::sim::kaspi::KaspiFault;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -290,7 +293,7 @@ async fn api_faults(world: &mut World, args: &FaultArgs) -> Result<Figures, Benc
     let mut figures: Vec<(&'static str, String)> = Vec::new();
     let mut broken = Vec::new();
     world.flow(args.rate, phase / 2).await?;
-    for api in ["kaspi", "amocrm"] {
+    for api in ["kaspi", "avito", "amocrm"] {
         for trouble in Trouble::ALL {
             eprintln!("prove api-faults: {api} {}", trouble.name());
             let faults_before = faulted(world, api);
@@ -301,6 +304,15 @@ async fn api_faults(world: &mut World, args: &FaultArgs) -> Result<Figures, Benc
                         Trouble::Timeouts => KaspiFault::Timeout,
                         Trouble::Resets => KaspiFault::ConnectionReset,
                         Trouble::Storm429 => KaspiFault::TooManyRequests,
+                    },
+                    t.every(),
+                ),
+                ("avito", t) => world.avito.fault_every(
+                    match t {
+                        Trouble::ServerErrors => AvitoFault::ServerError,
+                        Trouble::Timeouts => AvitoFault::Timeout,
+                        Trouble::Resets => AvitoFault::ConnectionReset,
+                        Trouble::Storm429 => AvitoFault::TooManyRequests,
                     },
                     t.every(),
                 ),
@@ -317,6 +329,7 @@ async fn api_faults(world: &mut World, args: &FaultArgs) -> Result<Figures, Benc
             let requests_before = requests(world, api);
             world.flow(args.rate, phase).await?;
             world.kaspi.lift_steady_fault();
+            world.avito.lift_steady_fault();
             world.amo.lift_steady_fault();
             let sent = requests(world, api) - requests_before;
             let hit = faulted(world, api) - faults_before;
@@ -328,18 +341,19 @@ async fn api_faults(world: &mut World, args: &FaultArgs) -> Result<Figures, Benc
             }
             if matches!(trouble, Trouble::Storm429) {
                 figures.push((
-                    if api == "kaspi" {
-                        "kaspi_requests_per_s_in_429_storm"
-                    } else {
-                        "amocrm_requests_per_s_in_429_storm"
+                    match api {
+                        "kaspi" => "kaspi_requests_per_s_in_429_storm",
+                        "avito" => "avito_requests_per_s_in_429_storm",
+                        _ => "amocrm_requests_per_s_in_429_storm",
                     },
                     format!("{:.2}", sent as f64 / phase.as_secs_f64()),
                 ));
             }
-            // Recovered before the next fault: a new lead made.
-            let linked = world.linked().await?;
+            // Recovered before the next fault: a new lead made (of this
+            // marketplace's orders).
+            let linked = linked_of(world, api).await?;
             let lifted = Instant::now();
-            while world.linked().await? <= linked {
+            while linked_of(world, api).await? <= linked {
                 if lifted.elapsed() > Duration::from_secs(120) {
                     broken.push(format!(
                         "{api} {}: no lead made within 120 s after the fault ended",
@@ -430,16 +444,27 @@ async fn api_faults(world: &mut World, args: &FaultArgs) -> Result<Figures, Benc
         ("jobs_open_before_settling", waiting.to_string()),
         ("kaspi_http_500", world.kaspi.count_status(500).to_string()),
         ("kaspi_http_429", world.kaspi.count_status(429).to_string()),
+        ("avito_http_500", world.avito.count_status(500).to_string()),
+        ("avito_dropped", world.avito.count_status(0).to_string()),
         ("amocrm_http_500", world.amo.count_status(500).to_string()),
         ("amocrm_http_403", world.amo.count_status(403).to_string()),
     ]);
     Ok((figures, broken))
 }
 
+/// Orders linked to a lead so far: of the marketplace `api`, or (amoCRM) all.
+async fn linked_of(world: &World, api: &str) -> Result<i64, BenchError> {
+    match api {
+        "kaspi" | "avito" => world.linked_at(api).await,
+        _ => world.linked().await,
+    }
+}
+
 /// Requests the simulator of `api` received so far.
 fn requests(world: &World, api: &str) -> usize {
     match api {
         "kaspi" => world.kaspi.requests().len(),
+        "avito" => world.avito.requests().len(),
         _ => world.amo.requests().len(),
     }
 }
@@ -448,6 +473,7 @@ fn requests(world: &World, api: &str) -> usize {
 fn faulted(world: &World, api: &str) -> usize {
     let statuses: Vec<u16> = match api {
         "kaspi" => world.kaspi.requests().iter().map(|r| r.status).collect(),
+        "avito" => world.avito.requests().iter().map(|r| r.status).collect(),
         _ => world.amo.requests().iter().map(|r| r.status).collect(),
     };
     statuses

@@ -180,12 +180,13 @@ async fn exercise(
     let loaded =
         Settings::load_from(Some(&world.config), Vec::<(String, String)>::new()).map_err(failed)?;
     let debug = format!("{loaded:?}");
-    let leaked: Vec<&str> = [AMO_TOKEN, HOOK_SECRET, KASPI_TOKEN]
+    let avito_secret = crate::sim::avito::AvitoSimConfig::default().client_secret;
+    let leaked: Vec<&str> = [AMO_TOKEN, HOOK_SECRET, KASPI_TOKEN, avito_secret.as_str()]
         .into_iter()
         .filter(|secret| debug.contains(secret))
         .collect();
-    if !debug.contains("kaspi_prove") {
-        broken.push("the configuration's Debug output does not even name its shop".into());
+    if !(debug.contains("kaspi_prove") && debug.contains("avito_prove")) {
+        broken.push("the configuration's Debug output does not even name its shops".into());
     }
     if !leaked.is_empty() {
         broken.push(format!(

@@ -1,15 +1,17 @@
-//! The world every suite but bad-input runs in: the Kaspi and amoCRM
-//! simulators seeded from the shipped Kaspi map, a scratch database, the
-//! daemon as deployed (one or more child processes, `--config FILE run`), and
-//! the traffic: new orders at a steady rate (one in four from a repeat
-//! customer), managers accepting leads, and Kaspi itself moving some orders
-//! along (accepted in the cabinet, later cancelled by the buyer), so a lead
-//! gets several changes whose order matters. At the end [`World::verdict`]
-//! checks from the simulators and the database that every order has exactly
-//! one lead in the stage its status maps to, every manager's move reached
-//! Kaspi exactly once, no lead ever moved backwards (changes applied out of
-//! order), no job is left, and amoCRM never saw more than 7 requests in a
-//! second or a 429.
+//! The world every suite but bad-input runs in: the Kaspi, Avito and amoCRM
+//! simulators (amoCRM seeded from the shipped Kaspi and Avito maps), a
+//! scratch database, the daemon as deployed (one or more child processes,
+//! `--config FILE run`, one Kaspi shop and one Avito shop), and the traffic:
+//! new orders at a steady rate (one in three at Avito, one in four Kaspi
+//! orders from a repeat customer), managers accepting leads, and the
+//! marketplaces moving some orders along themselves (accepted in the cabinet,
+//! later cancelled by the buyer), so a lead gets several changes whose order
+//! matters. At the end [`World::verdict`] checks from the simulators and the
+//! database that every order has exactly one lead in the stage its status
+//! maps to, every manager's move reached its marketplace exactly once, no
+//! lead ever moved backwards (changes applied out of order), no job is left,
+//! amoCRM never saw more than 7 requests in a second or a 429, and Avito
+//! never answered a rate limit's 429.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -19,10 +21,17 @@ use rand::{Rng, SeedableRng};
 use crate::bench::pipeline::order_code;
 use crate::bench::{config_file, failed, BenchError, DaemonProcess, RemoveOnDrop};
 use crate::sim::amocrm::{AmoSim, AmoSimConfig, SimPipeline};
+use crate::sim::avito::{AvitoSim, AvitoSimConfig, SimAvitoItem, SimAvitoOrderSpec};
 use crate::sim::kaspi::{KaspiSim, KaspiSimConfig};
 use crate::store::ScratchDatabase;
 
 const KASPI_MAP: &str = "config/maps/kaspi.toml";
+const AVITO_MAP: &str = "config/maps/avito.toml";
+/// Every `AVITO_EVERY`-th new order is an Avito one.
+const AVITO_EVERY: usize = 3;
+/// The Avito order status a new order has, and the one its buyer cancels to.
+const AVITO_NEW: &str = "on_confirmation";
+const AVITO_CANCELLED: &str = "canceled";
 pub(crate) const AMO_TOKEN: &str = "prove-token";
 pub(crate) const KASPI_TOKEN: &str = "kaspi-test-token";
 pub(crate) const HOOK_SECRET: &str = "prove-hook-secret";
@@ -32,8 +41,9 @@ pub(crate) const AMO_TARGET: &str = "amocrm:main";
 const ACCEPT_STAGE: &str = "В работе / Сборка";
 /// Where the shipped Kaspi map puts a new order's lead.
 const NEW_STAGE: &str = "Новая заявка";
-/// The shipped Kaspi map's stages in the order an order goes through them
-/// (both endings last): a lead never moves to a lower rank by itself.
+/// The shipped maps' stages (the same names in the Kaspi and the Avito
+/// pipeline) in the order an order goes through them (both endings last): a
+/// lead never moves to a lower rank by itself.
 const FUNNEL: [(&str, usize); 6] = [
     (NEW_STAGE, 0),
     (ACCEPT_STAGE, 1),
@@ -50,15 +60,54 @@ type OpenJobs = (String, String, i32, Option<i64>, Option<String>, i64);
 
 pub(crate) type Outcome = (Vec<(&'static str, String)>, Vec<String>);
 
+/// Which marketplace an order of the world is at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Market {
+    Kaspi,
+    Avito,
+}
+
+/// One marketplace's pipeline in amoCRM, as its shipped map resolves.
+struct Funnel {
+    pipeline: SimPipeline,
+    /// The stage a new order's lead lands in.
+    new_stage: u64,
+    /// The stage whose entry means "accept the order".
+    accept: u64,
+}
+
+impl Funnel {
+    fn find(amo: &AmoSim, name: &str) -> Result<Funnel, BenchError> {
+        let pipeline = amo
+            .pipelines()
+            .into_iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| failed(format!("pipeline {name} is not in the simulator")))?;
+        let stage = |wanted: &str| {
+            pipeline
+                .stages
+                .iter()
+                .find(|(_, n)| n == wanted)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| failed(format!("no stage {wanted} in pipeline {name}")))
+        };
+        Ok(Funnel {
+            new_stage: stage(NEW_STAGE)?,
+            accept: stage(ACCEPT_STAGE)?,
+            pipeline,
+        })
+    }
+}
+
 pub(crate) struct World {
     pub kaspi: KaspiSim,
+    pub avito: AvitoSim,
     pub amo: AmoSim,
     pub pool: sqlx::PgPool,
     pub config: std::path::PathBuf,
     _config: RemoveOnDrop,
-    pipeline: SimPipeline,
-    accept: u64,
-    new_stage: u64,
+    kaspi_funnel: Funnel,
+    avito_funnel: Funnel,
     manager: u64,
     ports: Vec<u16>,
     env: Vec<(&'static str, String)>,
@@ -66,13 +115,18 @@ pub(crate) struct World {
     wrapper: Vec<String>,
     pub daemons: Vec<DaemonProcess>,
     pub rng: rand::rngs::StdRng,
+    /// Orders made so far, at both marketplaces.
     pub created: usize,
+    /// The Avito orders among them (their ids, which are also their codes).
+    avito_ids: Vec<String>,
     /// Leads a manager accepted.
     moved: BTreeSet<u64>,
-    /// Leads whose order Kaspi moves itself (never touched by a manager).
-    kaspi_side: BTreeSet<u64>,
-    /// Orders Kaspi accepted in the cabinet, to be cancelled by their buyer.
-    to_cancel: VecDeque<(Instant, String)>,
+    /// Leads whose order the marketplace moves itself (never touched by a
+    /// manager).
+    marketplace_side: BTreeSet<u64>,
+    /// Orders a marketplace accepted in the cabinet, to be cancelled by
+    /// their buyer.
+    to_cancel: VecDeque<(Instant, Market, String)>,
     pub started: Instant,
     /// When [`World::pump`] makes its next order.
     next_order: Instant,
@@ -102,27 +156,22 @@ impl World {
         wrapper: &[String],
     ) -> Result<World, BenchError> {
         let kaspi = KaspiSim::start(KaspiSimConfig::default()).await?;
+        let avito = AvitoSim::start(AvitoSimConfig::default()).await?;
         let amo = AmoSim::start(AmoSimConfig {
             long_lived_token: Some(AMO_TOKEN.into()),
             ..AmoSimConfig::default()
         })
         .await?;
-        crate::demo::seed_crm_from_maps(&amo, &[std::path::Path::new(KASPI_MAP)])
-            .map_err(failed)?;
-        let pipeline = amo
-            .pipelines()
-            .into_iter()
-            .find(|p| p.stages.iter().any(|(_, name)| name == ACCEPT_STAGE))
-            .ok_or_else(|| failed("the Kaspi map's pipeline is not in the simulator"))?;
-        let stage = |wanted: &str| {
-            pipeline
-                .stages
-                .iter()
-                .find(|(_, name)| name == wanted)
-                .map(|(id, _)| *id)
-                .ok_or_else(|| failed(format!("no stage {wanted}")))
-        };
-        let (accept, new_stage) = (stage(ACCEPT_STAGE)?, stage(NEW_STAGE)?);
+        crate::demo::seed_crm_from_maps(
+            &amo,
+            &[
+                std::path::Path::new(KASPI_MAP),
+                std::path::Path::new(AVITO_MAP),
+            ],
+        )
+        .map_err(failed)?;
+        let kaspi_funnel = Funnel::find(&amo, &map_pipeline(KASPI_MAP)?)?;
+        let avito_funnel = Funnel::find(&amo, &map_pipeline(AVITO_MAP)?)?;
         let manager = amo.seed_user("Менеджер проверки");
         // Each replica its own HTTP port; the webhook goes to the first one's.
         let mut ports = Vec::new();
@@ -137,17 +186,17 @@ impl World {
             "prove",
             admin,
             &db.name,
-            &daemon_config(&amo, &kaspi, ports[0]),
+            &daemon_config(&amo, &kaspi, &avito, ports[0]),
         )?;
         let mut world = World {
             kaspi,
+            avito,
             amo,
             pool: db.pool.clone(),
             _config: RemoveOnDrop(config.clone()),
             config,
-            pipeline,
-            accept,
-            new_stage,
+            kaspi_funnel,
+            avito_funnel,
             manager,
             ports,
             env: env.to_vec(),
@@ -155,8 +204,9 @@ impl World {
             daemons: Vec::new(),
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             created: 0,
+            avito_ids: Vec::new(),
             moved: BTreeSet::new(),
-            kaspi_side: BTreeSet::new(),
+            marketplace_side: BTreeSet::new(),
             to_cancel: VecDeque::new(),
             started: Instant::now(),
             next_order: Instant::now(),
@@ -185,7 +235,7 @@ impl World {
 
     /// The pipeline the shipped Kaspi map resolves to.
     pub fn pipeline(&self) -> &SimPipeline {
-        &self.pipeline
+        &self.kaspi_funnel.pipeline
     }
 
     /// What piles up while the daemon is down: `n` orders created evenly
@@ -216,53 +266,125 @@ impl World {
         format!("http://127.0.0.1:{}/readyz", self.ports[i])
     }
 
-    /// One tick of traffic: a new order; sometimes a manager accepts a lead
-    /// still in its first stage, or Kaspi accepts one in the cabinet (its
-    /// buyer cancels it a few seconds later).
+    /// One tick of traffic: a new order (every third at Avito); sometimes a
+    /// manager accepts a lead still in its first stage, or the marketplace
+    /// accepts one in the cabinet (its buyer cancels it a few seconds later).
     pub fn step(&mut self) {
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        self.kaspi.create_order(crate::bench::generated_order(
-            self.created,
-            now_ms,
-            4,
-            50,
-            700_000_000,
-        ));
+        if self.created % AVITO_EVERY == AVITO_EVERY - 1 {
+            self.new_avito_order();
+        } else {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            self.kaspi.create_order(crate::bench::generated_order(
+                self.created,
+                now_ms,
+                4,
+                50,
+                700_000_000,
+            ));
+        }
         self.created += 1;
         let roll: f64 = self.rng.random();
         if roll < 0.7 {
-            let candidates: Vec<u64> = self
-                .amo
-                .lead_ids_in_stage(self.new_stage)
-                .into_iter()
-                .filter(|id| !self.moved.contains(id) && !self.kaspi_side.contains(id))
-                .collect();
-            if !candidates.is_empty() {
-                let lead = candidates[self.rng.random_range(0..candidates.len())];
-                let code = self
-                    .amo
-                    .lead(lead)
-                    .and_then(|l| order_code(&l.custom_fields_values));
-                if roll < 0.55 {
+            let mut candidates: Vec<(u64, Market)> = Vec::new();
+            for market in [Market::Kaspi, Market::Avito] {
+                let stage = self.funnel(market).new_stage;
+                candidates.extend(
                     self.amo
-                        .manager_moves_lead(lead, self.pipeline.id, self.accept, self.manager);
+                        .lead_ids_in_stage(stage)
+                        .into_iter()
+                        .filter(|id| {
+                            !self.moved.contains(id) && !self.marketplace_side.contains(id)
+                        })
+                        .map(|id| (id, market)),
+                );
+            }
+            if !candidates.is_empty() {
+                let (lead, market) = candidates[self.rng.random_range(0..candidates.len())];
+                if roll < 0.55 {
+                    let (pipeline, accept) = {
+                        let funnel = self.funnel(market);
+                        (funnel.pipeline.id, funnel.accept)
+                    };
+                    self.amo
+                        .manager_moves_lead(lead, pipeline, accept, self.manager);
                     self.moved.insert(lead);
-                } else if let Some(order) = code.and_then(|c| self.kaspi.order_by_code(&c)) {
-                    self.kaspi.kaspi_accepts_order(&order.id);
-                    self.kaspi_side.insert(lead);
+                } else if let Some(id) = self.marketplace_accepts(lead, market) {
+                    self.marketplace_side.insert(lead);
                     self.to_cancel
-                        .push_back((Instant::now() + CANCEL_AFTER, order.id));
+                        .push_back((Instant::now() + CANCEL_AFTER, market, id));
                 }
             }
         }
+        self.buyers_cancel(false);
+    }
+
+    fn funnel(&self, market: Market) -> &Funnel {
+        match market {
+            Market::Kaspi => &self.kaspi_funnel,
+            Market::Avito => &self.avito_funnel,
+        }
+    }
+
+    /// A new Avito order (one in four from a repeat buyer), as a marketplace
+    /// poll finds it.
+    fn new_avito_order(&mut self) {
+        let n = self.avito_ids.len();
+        let id = format!("{}", 70_000_000_000_000_000u64 + self.created as u64);
+        let mut spec = SimAvitoOrderSpec::new(&id, chrono::Utc::now());
+        spec.buyer_name = Some(format!("Покупатель Авито {n}"));
+        spec.buyer_phone = Some(if n % 4 == 3 {
+            format!("7916{:07}", n % 50)
+        } else {
+            format!("7926{n:07}")
+        });
+        spec.items = vec![SimAvitoItem {
+            avito_id: format!("{}", 2_799_000_000u64 + n as u64),
+            sku: None,
+            title: format!("Товар {n}"),
+            count: 1,
+            price: spec.price,
+            commission: spec.commission,
+            chat_id: None,
+        }];
+        self.avito.create_order(spec);
+        self.avito_ids.push(id);
+    }
+
+    /// The marketplace accepts the order of `lead` in its cabinet; the
+    /// order's id.
+    fn marketplace_accepts(&self, lead: u64, market: Market) -> Option<String> {
+        let code = self
+            .amo
+            .lead(lead)
+            .and_then(|l| order_code(&l.custom_fields_values))?;
+        match market {
+            Market::Kaspi => {
+                let order = self.kaspi.order_by_code(&code)?;
+                self.kaspi.kaspi_accepts_order(&order.id);
+                Some(order.id)
+            }
+            Market::Avito => {
+                let order = self.avito.order(&code)?;
+                self.avito.set_status(&order.id, "ready_to_ship");
+                Some(order.id)
+            }
+        }
+    }
+
+    /// Buyers cancel the orders accepted in a cabinet whose time has come
+    /// (`all`: every one now).
+    fn buyers_cancel(&mut self, all: bool) {
         while self
             .to_cancel
             .front()
-            .is_some_and(|(when, _)| *when <= Instant::now())
+            .is_some_and(|(when, _, _)| all || *when <= Instant::now())
         {
-            if let Some((_, id)) = self.to_cancel.pop_front() {
-                self.kaspi
-                    .buyer_cancels(&id, "BUYER_CANCELLATION_BY_MERCHANT");
+            match self.to_cancel.pop_front() {
+                Some((_, Market::Kaspi, id)) => self
+                    .kaspi
+                    .buyer_cancels(&id, "BUYER_CANCELLATION_BY_MERCHANT"),
+                Some((_, Market::Avito, id)) => self.avito.set_status(&id, AVITO_CANCELLED),
+                None => {}
             }
         }
     }
@@ -293,6 +415,18 @@ impl World {
         count(&self.pool, "SELECT count(*) FROM crm_links").await
     }
 
+    /// Orders of `marketplace` (`kaspi`, `avito`) linked to a lead so far.
+    pub async fn linked_at(&self, marketplace: &str) -> Result<i64, BenchError> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM crm_links l JOIN orders o ON o.id = l.order_id \
+             WHERE o.marketplace = $1",
+        )
+        .bind(marketplace)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(failed)
+    }
+
     pub fn check_daemons(&mut self) -> Result<(), BenchError> {
         for daemon in &mut self.daemons {
             daemon.check()?;
@@ -312,10 +446,7 @@ impl World {
     /// Waits (at most `limit`) until every order is linked, every move is at
     /// Kaspi, no job is open and every lead is in its stage; the seconds it took.
     pub async fn settle(&mut self, limit: Duration) -> Result<f64, BenchError> {
-        for (_, id) in std::mem::take(&mut self.to_cancel) {
-            self.kaspi
-                .buyer_cancels(&id, "BUYER_CANCELLATION_BY_MERCHANT");
-        }
+        self.buyers_cancel(true);
         let converging = Instant::now();
         let moved_codes = self.moved_codes();
         loop {
@@ -326,12 +457,7 @@ impl World {
                 "SELECT count(*) FROM outbox_jobs WHERE state IN ('pending', 'running')",
             )
             .await?;
-            let accepted = self
-                .kaspi
-                .orders()
-                .iter()
-                .filter(|o| moved_codes.contains(&o.code) && o.status != "APPROVED_BY_BANK")
-                .count();
+            let accepted = self.accepted(&moved_codes);
             // A lead the manager moved waits in its stage until the next poll
             // stores Kaspi's new status, and a change Kaspi made itself is
             // seen when the poll's sweep reaches its order: settled only when
@@ -346,7 +472,7 @@ impl World {
             }
             if converging.elapsed() > limit {
                 eprintln!(
-                    "prove: after {} s {linked} of {} orders linked, {open} jobs open, {accepted} of {} moves at Kaspi",
+                    "prove: after {} s {linked} of {} orders linked, {open} jobs open, {accepted} of {} moves at their marketplace",
                     limit.as_secs(),
                     self.created,
                     moved_codes.len()
@@ -373,8 +499,25 @@ impl World {
         Ok(converging.elapsed().as_secs_f64())
     }
 
-    /// Orders whose status at Kaspi differs from the stored one (or that are
-    /// not stored yet).
+    /// Orders the managers moved that their marketplace has accepted.
+    fn accepted(&self, moved_codes: &BTreeSet<String>) -> usize {
+        let at_kaspi = self
+            .kaspi
+            .orders()
+            .iter()
+            .filter(|o| moved_codes.contains(&o.code) && o.status != "APPROVED_BY_BANK")
+            .count();
+        let at_avito = self
+            .avito
+            .orders()
+            .iter()
+            .filter(|o| moved_codes.contains(&o.id) && o.status != AVITO_NEW)
+            .count();
+        at_kaspi + at_avito
+    }
+
+    /// Orders whose status at their marketplace differs from the stored one
+    /// (or that are not stored yet).
     async fn unseen_changes(&self) -> Result<usize, BenchError> {
         let stored: BTreeMap<String, Option<String>> =
             sqlx::query_as::<_, (String, Option<String>)>("SELECT code, raw_status FROM orders")
@@ -383,16 +526,24 @@ impl World {
                 .map_err(failed)?
                 .into_iter()
                 .collect();
-        Ok(self
+        let differs = |code: &str, status: &str| {
+            stored
+                .get(code)
+                .is_none_or(|s| s.as_deref() != Some(status))
+        };
+        let kaspi = self
             .kaspi
             .orders()
             .iter()
-            .filter(|o| {
-                stored
-                    .get(&o.code)
-                    .is_none_or(|s| s.as_deref() != Some(o.status.as_str()))
-            })
-            .count())
+            .filter(|o| differs(&o.code, &o.status))
+            .count();
+        let avito = self
+            .avito
+            .orders()
+            .iter()
+            .filter(|o| differs(&o.id, &o.status))
+            .count();
+        Ok(kaspi + avito)
     }
 
     fn moved_codes(&self) -> BTreeSet<String> {
@@ -426,11 +577,18 @@ impl World {
         let duplicate_leads: usize = leads_per_code.values().map(|n| n - 1).sum();
         let lost = codes
             .values()
+            .chain(self.avito_ids.iter())
             .filter(|code| !leads_per_code.contains_key(*code))
             .count();
         let wrong_stage = self.wrong_stages().await?;
-        // Accepts that Kaspi carried out (2xx) per order: one each.
+        // Accepts that the marketplace carried out (Kaspi: a 2xx POST; Avito:
+        // an applied transition) per order: one each.
         let mut applied: BTreeMap<String, usize> = BTreeMap::new();
+        for order in self.avito.orders() {
+            if !order.transitions.is_empty() {
+                applied.insert(order.id, order.transitions.len());
+            }
+        }
         for request in self.kaspi.requests() {
             if request.method == "POST" && (200..300).contains(&request.status) {
                 if let Some((_, code)) = codes
@@ -449,9 +607,11 @@ impl World {
         let duplicate_actions: usize = applied.values().map(|n| n.saturating_sub(1)).sum();
         // The integration's own stage changes, in the order amoCRM made them:
         // one to an earlier stage means changes were applied out of order.
-        let position: BTreeMap<u64, usize> = self
-            .pipeline
-            .stages
+        let stages: Vec<&(u64, String)> = [&self.kaspi_funnel, &self.avito_funnel]
+            .iter()
+            .flat_map(|f| f.pipeline.stages.iter())
+            .collect();
+        let position: BTreeMap<u64, usize> = stages
             .iter()
             .filter_map(|(id, name)| {
                 FUNNEL
@@ -461,8 +621,7 @@ impl World {
             })
             .collect();
         let name = |id: &u64| {
-            self.pipeline
-                .stages
+            stages
                 .iter()
                 .find(|(s, _)| s == id)
                 .map_or_else(|| id.to_string(), |(_, n)| n.clone())
@@ -483,11 +642,11 @@ impl World {
         if !backward.is_empty() {
             eprintln!("prove: leads moved backwards: {}", backward.join("; "));
         }
-        let kaspi_side_moves = self
+        let marketplace_side_changes = self
             .amo
             .stage_changes()
             .iter()
-            .filter(|(lead, _, _, by)| *by != self.manager && self.kaspi_side.contains(lead))
+            .filter(|(lead, _, _, by)| *by != self.manager && self.marketplace_side.contains(lead))
             .count();
         let stuck = count(
             &self.pool,
@@ -502,6 +661,7 @@ impl World {
         // Never two serving one account: amoCRM's own count of each second.
         let busiest = self.amo.max_requests_in_any_second();
         let http_429 = self.amo.rate_limited();
+        let avito_429 = self.avito.rate_limited();
 
         let mut broken = Vec::new();
         for (what, n) in [
@@ -520,6 +680,7 @@ impl World {
             ("jobs left pending or running", stuck as usize),
             ("dead jobs", dead as usize),
             ("amoCRM rate-limit 429s", http_429),
+            ("Avito rate-limit 429s", avito_429),
             (
                 "requests above amoCRM's 7 in one second",
                 busiest.saturating_sub(7),
@@ -532,12 +693,16 @@ impl World {
         Ok((
             vec![
                 ("orders", self.created.to_string()),
+                ("avito_orders", self.avito_ids.len().to_string()),
                 ("leads", leads.len().to_string()),
                 ("duplicate_leads", duplicate_leads.to_string()),
                 ("lost", lost.to_string()),
                 ("wrong_stage", wrong_stage.to_string()),
                 ("backward_moves", backward_moves.to_string()),
-                ("kaspi_side_changes", kaspi_side_moves.to_string()),
+                (
+                    "marketplace_side_changes",
+                    marketplace_side_changes.to_string(),
+                ),
                 ("actions", moved_codes.len().to_string()),
                 ("actions_applied", actions_applied.to_string()),
                 ("duplicate_actions", duplicate_actions.to_string()),
@@ -546,6 +711,7 @@ impl World {
                 ("replicas", self.ports.len().to_string()),
                 ("amocrm_max_in_any_1s", busiest.to_string()),
                 ("amocrm_http_429", http_429.to_string()),
+                ("avito_http_429", avito_429.to_string()),
             ],
             broken,
         ))
@@ -553,7 +719,14 @@ impl World {
 
     /// Leads not in the stage their order's stored status maps to.
     pub async fn wrong_stages(&self) -> Result<usize, BenchError> {
-        let expected = expected_stages(&self.pool, &self.pipeline).await?;
+        let expected = expected_stages(
+            &self.pool,
+            &[
+                ("kaspi", KASPI_MAP, &self.kaspi_funnel.pipeline),
+                ("avito", AVITO_MAP, &self.avito_funnel.pipeline),
+            ],
+        )
+        .await?;
         Ok(self
             .amo
             .leads()
@@ -574,17 +747,17 @@ pub(crate) async fn count(pool: &sqlx::PgPool, sql: &str) -> Result<i64, BenchEr
         .map_err(failed)
 }
 
-/// Each stored order's code → the stage id its status maps to in the shipped
-/// Kaspi map (`None`: ignored status, no lead expected to be anywhere).
+/// Each stored order's code → the stage id its status maps to in its
+/// marketplace's shipped map (`None`: ignored status, no lead expected to be
+/// anywhere); `maps`: (marketplace, map file, the pipeline it resolves to).
 async fn expected_stages(
     pool: &sqlx::PgPool,
-    pipeline: &SimPipeline,
+    maps: &[(&str, &str, &SimPipeline)],
 ) -> Result<BTreeMap<String, Option<u64>>, BenchError> {
-    let (map, _) = crate::mapping::model::load(std::path::Path::new(KASPI_MAP)).map_err(failed)?;
-    let stage_of: BTreeMap<String, Option<u64>> = map
-        .statuses
-        .iter()
-        .map(|(status, row)| {
+    let mut stage_of: BTreeMap<(String, String), Option<u64>> = BTreeMap::new();
+    for (marketplace, path, pipeline) in maps {
+        let (map, _) = crate::mapping::model::load(std::path::Path::new(path)).map_err(failed)?;
+        for (status, row) in &map.statuses {
             let stage = row
                 .get_ref()
                 .stage
@@ -597,21 +770,36 @@ async fn expected_stages(
                         .find(|(_, n)| n == name)
                         .map(|(id, _)| *id)
                 });
-            (status.get_ref().clone(), stage)
-        })
-        .collect();
-    let rows: Vec<(String, String)> = sqlx::query_as("SELECT code, status_key FROM orders")
-        .fetch_all(pool)
-        .await
-        .map_err(failed)?;
+            stage_of.insert((marketplace.to_string(), status.get_ref().clone()), stage);
+        }
+    }
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT code, marketplace, status_key FROM orders")
+            .fetch_all(pool)
+            .await
+            .map_err(failed)?;
     Ok(rows
         .into_iter()
-        .filter_map(|(code, status)| stage_of.get(&status).map(|s| (code, *s)))
+        .filter_map(|(code, marketplace, status)| {
+            stage_of.get(&(marketplace, status)).map(|s| (code, *s))
+        })
         .collect())
 }
 
-fn daemon_config(amo: &AmoSim, kaspi: &KaspiSim, port: u16) -> String {
-    crate::bench::KaspiAmoDaemon {
+/// The `[pipeline] name` of a shipped map.
+fn map_pipeline(path: &str) -> Result<String, BenchError> {
+    let (map, _) = crate::mapping::model::load(std::path::Path::new(path)).map_err(failed)?;
+    map.pipeline
+        .get_ref()
+        .name
+        .get_ref()
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| failed(format!("{path}: the pipeline is not named")))
+}
+
+fn daemon_config(amo: &AmoSim, kaspi: &KaspiSim, avito: &AvitoSim, port: u16) -> String {
+    let kaspi_and_amo = crate::bench::KaspiAmoDaemon {
         amo,
         kaspi,
         port,
@@ -622,5 +810,21 @@ fn daemon_config(amo: &AmoSim, kaspi: &KaspiSim, port: u16) -> String {
         poll: Duration::from_secs(1),
         events_poll: Duration::from_secs(3),
     }
-    .config_text()
+    .config_text();
+    let sim = AvitoSimConfig::default();
+    format!(
+        r#"{kaspi_and_amo}
+[shops.avito_prove]
+marketplace = "avito"
+crm_account = "main"
+map = "{AVITO_MAP}"
+base_url = "{avito}"
+poll_interval = "1s"
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+"#,
+        avito = avito.base_url(),
+        client_id = sim.client_id,
+        client_secret = sim.client_secret,
+    )
 }

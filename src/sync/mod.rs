@@ -4,7 +4,8 @@
 //! CRM handler (`to_crm`), and CRM → marketplace (`to_marketplace`: the amoCRM
 //! inbox, the events poll, the marketplace action handler), and partner
 //! programmes' leads and status reports (`partner`). Also the loops
-//! every long-running part runs in: [`every`], [`every_while_leased`], and
+//! every long-running part runs in: [`every`], [`every_while_leased`] (which
+//! slows a poller down while its API answers 429, [`Round`]), and
 //! [`supervise`], which restarts a failed part.
 
 pub mod avito_leads;
@@ -22,7 +23,57 @@ pub mod to_marketplace;
 use std::future::Future;
 use std::time::Duration;
 
+use rand::Rng;
 use tokio_util::sync::CancellationToken;
+
+use crate::outbox::{RetryAction, RetryCause};
+
+/// The longest a throttled poller waits between rounds (unless the API asked
+/// for longer).
+pub const POLL_BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+/// How a polling round went, for [`every_while_leased`]'s pace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// Done, or failed in a way the next round at the usual pace may mend
+    /// (a 5xx, a timeout: the interval is the backoff).
+    Done,
+    /// The API answered 429, or its network path is blocked (`Some`: it said
+    /// when to come back): the next rounds slow down, doubling per throttled
+    /// round in a row up to [`POLL_BACKOFF_CAP`], so a storm of 429s is not
+    /// met with a request every interval (both marketplaces' facts: back off
+    /// exponentially on 429).
+    Throttled(Option<Duration>),
+}
+
+impl Round {
+    /// The pace a failed round's classification asks for.
+    pub fn after(action: &RetryAction) -> Round {
+        match action {
+            RetryAction::Retry {
+                cause: RetryCause::Throttled,
+                ..
+            } => Round::Throttled(None),
+            RetryAction::RetryAfter { after, .. } => Round::Throttled(Some(*after)),
+            _ => Round::Done,
+        }
+    }
+}
+
+/// The wait before the next round after `throttled` throttled rounds in a
+/// row: `interval` when none, else `interval` doubled per round (±10 %
+/// jitter, so replicas and shops spread out) up to [`POLL_BACKOFF_CAP`] (or
+/// `interval`, if longer), and never shorter than what the API asked for.
+pub fn poll_pace(interval: Duration, throttled: u32, asked: Option<Duration>) -> Duration {
+    if throttled == 0 {
+        return interval;
+    }
+    let doubled = interval.saturating_mul(2u32.saturating_pow(throttled.min(16)));
+    let paced = doubled
+        .min(POLL_BACKOFF_CAP.max(interval))
+        .mul_f64(rand::rng().random_range(0.9..1.1));
+    paced.max(asked.unwrap_or_default())
+}
 
 /// Runs `round` every `interval` (the first at once) until `shutdown`; a late
 /// round delays the next instead of bunching them.
@@ -71,6 +122,8 @@ impl ShopLease {
 
 /// Like [`every`], but only while `lease` is held: checked every second, so
 /// a replica that gains the lease polls at once, and one that loses it stops.
+/// A throttled round ([`Round::Throttled`]) stretches the wait before the
+/// next ([`poll_pace`]); the first round that is not resets it.
 pub async fn every_while_leased<F, Fut>(
     lease: ShopLease,
     interval: Duration,
@@ -78,9 +131,11 @@ pub async fn every_while_leased<F, Fut>(
     mut round: F,
 ) where
     F: FnMut() -> Fut,
-    Fut: Future<Output = ()>,
+    Fut: Future<Output = Round>,
 {
     let mut last: Option<tokio::time::Instant> = None;
+    let mut wait = interval;
+    let mut throttled = 0u32;
     let mut was_held = false;
     loop {
         let held = lease.held().await;
@@ -92,9 +147,22 @@ pub async fn every_while_leased<F, Fut>(
             }
             was_held = held;
         }
-        if held && last.is_none_or(|at| at.elapsed() >= interval) {
+        if held && last.is_none_or(|at| at.elapsed() >= wait) {
             last = Some(tokio::time::Instant::now());
-            round().await;
+            match round().await {
+                Round::Done => {
+                    if throttled > 0 {
+                        tracing::info!(target_key = %lease.target, "The API stopped throttling; polling at the usual pace again.");
+                    }
+                    throttled = 0;
+                    wait = interval;
+                }
+                Round::Throttled(asked) => {
+                    throttled = throttled.saturating_add(1);
+                    wait = poll_pace(interval, throttled, asked);
+                    tracing::warn!(target_key = %lease.target, throttled_rounds = throttled, next_round_in_s = wait.as_secs_f64(), "The API is throttling this poller (429); the next round waits longer.");
+                }
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -212,6 +280,39 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+
+    #[test]
+    fn a_throttled_poller_waits_twice_as_long_per_round_up_to_the_cap() {
+        let second = Duration::from_secs(1);
+        assert_eq!(poll_pace(second, 0, None), second);
+        let near = |got: Duration, want: f64| {
+            let got = got.as_secs_f64();
+            assert!(
+                (want * 0.9..=want * 1.1).contains(&got),
+                "{got} s, wanted about {want} s"
+            );
+        };
+        near(poll_pace(second, 1, None), 2.0);
+        near(poll_pace(second, 3, None), 8.0);
+        near(poll_pace(second, 40, None), 60.0);
+        // An interval longer than the cap stays the floor.
+        near(poll_pace(Duration::from_secs(120), 5, None), 120.0);
+        // What the API asked for wins when longer.
+        assert!(poll_pace(second, 1, Some(Duration::from_secs(90))) >= Duration::from_secs(90));
+        assert_eq!(
+            Round::after(&RetryAction::throttled("429")),
+            Round::Throttled(None)
+        );
+        assert_eq!(
+            Round::after(&RetryAction::RetryAfter {
+                after: Duration::from_secs(7),
+                error: "429".into()
+            }),
+            Round::Throttled(Some(Duration::from_secs(7)))
+        );
+        assert_eq!(Round::after(&RetryAction::retry("500")), Round::Done);
+        assert_eq!(Round::after(&RetryAction::timeout("slow")), Round::Done);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_failing_part_is_restarted_with_backoff_while_others_keep_working() {

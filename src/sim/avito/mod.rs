@@ -355,6 +355,16 @@ impl AvitoSim {
             .count()
     }
 
+    /// 429s a rate limit gave so far (injected ones not counted).
+    pub fn rate_limited(&self) -> usize {
+        self.lock().rate_limited
+    }
+
+    /// Every order, as it is now, in order of creation.
+    pub fn orders(&self) -> Vec<SimAvitoOrder> {
+        self.lock().orders.iter().map(|o| o.sim()).collect()
+    }
+
     /// A buyer writes in a chat about an item: stores the message (the chat
     /// gets unread, and is created if new) and POSTs the v3 webhook to every
     /// subscribed URL. Returns the message id.

@@ -285,11 +285,13 @@ async fn front(
         let now = Instant::now();
         let global = st.config.global_per_second;
         if !st.global.has_room(now, Duration::from_secs(1), global) {
+            st.rate_limited += 1;
             return answer(Reply::too_many(envelope, global));
         }
         if let Some((key, limit)) = route.limit(&st) {
             let window = st.per_endpoint.entry(key).or_default();
             if !window.has_room(now, Duration::from_secs(60), limit) {
+                st.rate_limited += 1;
                 return answer(Reply::too_many(envelope, limit));
             }
             window.record(now);

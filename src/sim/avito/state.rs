@@ -122,6 +122,8 @@ pub(super) struct State {
     pub steady_fault: Option<crate::sim::support::SteadyFault<AvitoFault>>,
     pub success_false: usize,
     pub requests: Vec<SimRequest>,
+    /// 429s a rate limit gave (injected ones not counted).
+    pub rate_limited: usize,
     pub global: Window,
     pub per_endpoint: HashMap<&'static str, Window>,
 }
@@ -148,6 +150,7 @@ impl State {
             steady_fault: None,
             success_false: 0,
             requests: Vec::new(),
+            rate_limited: 0,
             global: Window::default(),
             per_endpoint: HashMap::new(),
         }
