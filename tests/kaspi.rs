@@ -697,3 +697,74 @@ async fn html_404_is_a_configuration_error_and_json_403_an_auth_error() {
     );
     assert!(matches!(error.classify(), RetryAction::Permanent { .. }));
 }
+
+/// The api-faults suite's finding (one lead moved from «В работе / Сборка»
+/// back to «Новая заявка» in a 10-minute run): a reconciliation listed a page,
+/// a poll then stored the order's newer status, and the reconciliation's
+/// older reading was written over it, so the lead went back until the next
+/// poll. A reading asked of Kaspi before the stored one is not written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_older_than_the_stored_one_never_turns_the_order_back() {
+    let sim = sim(KaspiSimConfig::default()).await;
+    let db = fresh_db().await;
+    let kaspi = good(&sim);
+    let created = sim.create_order(SimOrderSpec::new("800000001", ms_ago(0.01)));
+    // The reconciliation's reading: asked first, still new.
+    let early = Utc::now();
+    let stale = kaspi.order(&created.id).await.unwrap().unwrap();
+    // The order moves on; the poll's reading is asked later and stored first.
+    sim.kaspi_accepts_order(&created.id);
+    let late = Utc::now();
+    let fresh = kaspi.order(&created.id).await.unwrap().unwrap();
+    assert_ne!(stale.order.status, fresh.order.status);
+    let write = |order: &KaspiOrder, asked: DateTime<Utc>| {
+        let (pool, order) = (db.pool.clone(), order.clone());
+        async move {
+            orderbridge::sync::ingest::write_order(
+                &pool,
+                &order.order,
+                &order.content_hash,
+                "amocrm:main",
+                asked,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        write(&fresh, late).await,
+        orderbridge::sync::ingest::Written::New
+    );
+    let jobs_before = count(&db.pool, "SELECT count(*) FROM outbox_jobs").await;
+    assert_eq!(
+        write(&stale, early).await,
+        orderbridge::sync::ingest::Written::Older,
+        "the older reading is not written"
+    );
+    let stored = orders::snapshot(&db.pool, "kaspi", "kaspi_main", &created.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status, fresh.order.status, "the newer status stays");
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM order_stage_history").await,
+        1,
+        "no history row for the older reading"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM outbox_jobs").await,
+        jobs_before,
+        "no CRM intent for the older reading"
+    );
+    // A later reading is written as usual.
+    sim.buyer_cancels(&created.id, "BUYER_CANCELLATION_BY_MERCHANT");
+    let later = Utc::now();
+    let cancelled = kaspi.order(&created.id).await.unwrap().unwrap();
+    assert!(matches!(
+        write(&cancelled, later).await,
+        orderbridge::sync::ingest::Written::Changed {
+            status_from: Some(_)
+        }
+    ));
+    db.drop_now().await.unwrap();
+}

@@ -409,6 +409,89 @@ async fn a_job_of_a_killed_worker_is_finished_exactly_once_by_another() {
     db.drop_now().await.unwrap();
 }
 
+/// The crash suite's finding, once Avito's rate-limited transitions were in
+/// its world: a daemon killed again and again while a slow job ran
+/// dead-lettered that healthy job after 9 lost attempts, each counted as a
+/// failure, so the manager's move never reached Avito. A lease lost with its
+/// process (the replica's last heartbeat came before the lease's end) is not
+/// the job's failure; three times the failure limit of such losses still
+/// dead-letters a job that may be killing its process. A lease lost by a
+/// replica that lived on is a failure, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_with_its_process_is_not_a_failure_but_one_lost_by_a_living_worker_is() {
+    let db = fresh_db().await;
+    enqueue_all(&db.pool, &[job("sync", "t", "order-1", json!({}))]).await;
+    let secs = chrono::Duration::seconds;
+    let kinds = ["sync".to_string()];
+    let max_failures = 3;
+    let t0 = chrono::Utc::now();
+    // A replica that stays alive (heartbeats after its job's lease ran out).
+    let t = t0;
+    store::replica_heartbeat(&db.pool, "alive", t, t - secs(30))
+        .await
+        .unwrap();
+    store::acquire_targets(&db.pool, "alive", t, t + secs(1), 1)
+        .await
+        .unwrap();
+    let claimed = store::claim(&db.pool, "t", "alive", t, t + secs(1), 1, &kinds)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let id = claimed[0].id;
+    store::replica_heartbeat(&db.pool, "alive", t + secs(4), t - secs(30))
+        .await
+        .unwrap();
+    store::reap_expired(&db.pool, &["t".to_string()], t + secs(5), max_failures)
+        .await
+        .unwrap();
+    let row = store::job(&db.pool, id).await.unwrap().unwrap();
+    assert_eq!((row.state.as_str(), row.failures), ("pending", 1));
+    assert!(
+        row.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("stopped renewing")),
+        "{:?}",
+        row.last_error
+    );
+    // Replicas that die while running it: each heartbeats, claims, is gone.
+    for round in 1..=(max_failures * 3) {
+        let t = t0 + secs(10 * i64::from(round));
+        let owner = format!("killed-{round}");
+        store::replica_heartbeat(&db.pool, &owner, t, t - secs(30))
+            .await
+            .unwrap();
+        store::acquire_targets(&db.pool, &owner, t, t + secs(1), 1)
+            .await
+            .unwrap();
+        let claimed = store::claim(&db.pool, "t", &owner, t, t + secs(1), 1, &kinds)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "round {round}");
+        store::reap_expired(&db.pool, &["t".to_string()], t + secs(5), max_failures)
+            .await
+            .unwrap();
+        let row = store::job(&db.pool, id).await.unwrap().unwrap();
+        assert_eq!(
+            row.failures, 1,
+            "a lost process is not a failure (round {round})"
+        );
+        let want = if round < max_failures * 3 {
+            "pending"
+        } else {
+            "dead"
+        };
+        assert_eq!(row.state, want, "round {round}: {:?}", row.last_error);
+        assert!(
+            row.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains(&format!("died ({round} such losses"))),
+            "{:?}",
+            row.last_error
+        );
+    }
+    db.drop_now().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_lost_its_lease_cannot_overwrite_the_new_owners_outcome() {
     let db = fresh_db().await;

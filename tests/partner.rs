@@ -713,9 +713,15 @@ async fn avito_orders_settle_by_their_own_commission() {
         order("A3", "canceled", 3_000),
     ] {
         let hash = format!("{}{}", o.code, o.status);
-        orderbridge::sync::ingest::write_order(&db.pool, &o, &hash, "amocrm:main")
-            .await
-            .unwrap();
+        orderbridge::sync::ingest::write_order(
+            &db.pool,
+            &o,
+            &hash,
+            "amocrm:main",
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
     }
     let dir = std::env::temp_dir().join(format!("orderbridge-{}", db.name));
     let settings = settings_from(

@@ -977,6 +977,7 @@ async fn buyers_with_an_email_and_no_phone_are_matched_by_email() {
             &order.order,
             &order.content_hash,
             "amocrm:main",
+            chrono::Utc::now(),
         )
         .await
         .unwrap();

@@ -658,6 +658,19 @@ impl World {
             "SELECT count(*) FROM outbox_jobs WHERE state = 'dead'",
         )
         .await?;
+        if dead > 0 {
+            // What they died of, to start the diagnosis.
+            let why: Vec<(String, String, Option<String>)> = sqlx::query_as(
+                "SELECT kind, ordering_key, left(last_error, 300) FROM outbox_jobs
+                 WHERE state = 'dead' ORDER BY id LIMIT 12",
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(failed)?;
+            for (kind, key, error) in why {
+                eprintln!("prove: dead job {kind} ({key}): {error:?}");
+            }
+        }
         // Never two serving one account: amoCRM's own count of each second.
         let busiest = self.amo.max_requests_in_any_second();
         let http_429 = self.amo.rate_limited();
@@ -674,7 +687,7 @@ impl World {
             ),
             ("moves applied twice", duplicate_actions),
             (
-                "moves that never reached Kaspi",
+                "moves that never reached their marketplace",
                 moved_codes.len() - actions_applied,
             ),
             ("jobs left pending or running", stuck as usize),

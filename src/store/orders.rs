@@ -77,11 +77,15 @@ pub struct Upserted {
 /// inside the caller's transaction: a poll writes a page of orders at once.
 /// Rows are locked and written in one order (by identity), so two writers
 /// of overlapping pages wait for each other instead of deadlocking. An order
-/// listed twice is written once, as last listed. Returns one [`Upserted`]
-/// per distinct order, in the order of `orders`' first appearance.
+/// listed twice is written once, as last listed. `observed_at` is when the
+/// snapshots were asked of the marketplace: a stored order observed later
+/// than that is newer news and stays as it is. Returns one [`Upserted`] per
+/// distinct order written, in the order of `orders`' first appearance (an
+/// order left as it is has none).
 pub async fn upsert_many(
     tx: &mut Transaction<'_, Postgres>,
     orders: &[(&Order, &str)],
+    observed_at: DateTime<Utc>,
 ) -> Result<Vec<(String, Upserted)>, StoreError> {
     // The last listing of each order wins; keys sorted for the lock order.
     let mut by_key: std::collections::BTreeMap<(&str, &str, &str), (&Order, &str)> =
@@ -142,14 +146,17 @@ pub async fn upsert_many(
         .collect();
     let written: Vec<(String, String, String, i64)> = sqlx::query_as(
         "INSERT INTO orders (marketplace, account, external_id, code, status_key, raw_state, raw_status,
-                             is_terminal, content_hash, snapshot, source_created_at)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                              $7::text[], $8::bool[], $9::text[], $10::jsonb[], $11::timestamptz[])
+                             is_terminal, content_hash, snapshot, source_created_at, observed_at)
+         SELECT *, $12::timestamptz FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                              $5::text[], $6::text[], $7::text[], $8::bool[], $9::text[],
+                              $10::jsonb[], $11::timestamptz[])
          ORDER BY 1, 2, 3
          ON CONFLICT (marketplace, account, external_id) DO UPDATE SET
              code = EXCLUDED.code, status_key = EXCLUDED.status_key, raw_state = EXCLUDED.raw_state,
              raw_status = EXCLUDED.raw_status, is_terminal = EXCLUDED.is_terminal,
-             content_hash = EXCLUDED.content_hash, snapshot = EXCLUDED.snapshot, updated_at = now()
+             content_hash = EXCLUDED.content_hash, snapshot = EXCLUDED.snapshot, updated_at = now(),
+             observed_at = EXCLUDED.observed_at
+         WHERE orders.observed_at IS NULL OR orders.observed_at <= EXCLUDED.observed_at
          RETURNING marketplace, account, external_id, id",
     )
     .bind(&marketplaces)
@@ -163,6 +170,7 @@ pub async fn upsert_many(
     .bind(&hashes)
     .bind(&snapshots)
     .bind(&created)
+    .bind(observed_at)
     .fetch_all(&mut **tx)
     .await?;
     let row_ids: std::collections::HashMap<(String, String, String), i64> = written
@@ -176,10 +184,10 @@ pub async fn upsert_many(
             account.to_string(),
             external_id.to_string(),
         );
-        let id = row_ids
-            .get(&key)
-            .copied()
-            .ok_or_else(|| StoreError::Query(sqlx::Error::RowNotFound))?;
+        let Some(id) = row_ids.get(&key).copied() else {
+            // Stored from a later reading: left as it is.
+            continue;
+        };
         let previous_status = previous.get(&key).cloned();
         out.push((
             external_id.to_string(),

@@ -505,9 +505,11 @@ pub async fn renew_job_leases(
     Ok(result.rows_affected())
 }
 
-/// Returns jobs of `targets` whose lease expired (their worker died) to pending,
-/// recording the lost attempt as a failure; a job out of attempts is dead-lettered.
-/// Returns how many jobs were reaped.
+/// Returns jobs of `targets` whose lease expired to pending, recording the
+/// lost attempt: as a failure when its worker's replica lived on without
+/// renewing it, as a lost worker (not a failure) when the replica died
+/// first; a job out of attempts (`max_failures` failures, or three times as
+/// many lost workers) is dead-lettered. Returns how many jobs were reaped.
 pub async fn reap_expired(
     pool: &PgPool,
     targets: &[String],
@@ -543,16 +545,31 @@ pub async fn reap_expired(
     .execute(&mut *tx)
     .await?
     .rows_affected();
+    // A lease runs out either because its worker's process died (its
+    // replica's last heartbeat came before the lease's end: not the job's
+    // failure, counted in lost_workers) or because the process lived on
+    // without renewing it (a failure).
     let reaped = sqlx::query(
         "WITH x AS (
-             SELECT id FROM outbox_jobs
-             WHERE target = ANY($1) AND state = 'running' AND lease_until < $2
-             FOR UPDATE SKIP LOCKED
+             SELECT j.id, NOT EXISTS (
+                 SELECT 1 FROM outbox_replicas r
+                 WHERE r.owner = j.locked_by AND r.last_seen >= j.lease_until
+             ) AS died
+             FROM outbox_jobs j
+             WHERE j.target = ANY($1) AND j.state = 'running' AND j.lease_until < $2
+             FOR UPDATE OF j SKIP LOCKED
          ), u AS (
              UPDATE outbox_jobs j
-             SET state = CASE WHEN j.failures + 1 >= $3 THEN 'dead' ELSE 'pending' END,
-                 failures = j.failures + 1,
-                 last_error = 'lease expired: the worker running attempt ' || j.attempts || ' stopped renewing it',
+             SET state = CASE WHEN (NOT x.died AND j.failures + 1 >= $3)
+                               OR (x.died AND j.lost_workers + 1 >= $3 * 3)
+                              THEN 'dead' ELSE 'pending' END,
+                 failures = j.failures + CASE WHEN x.died THEN 0 ELSE 1 END,
+                 lost_workers = j.lost_workers + CASE WHEN x.died THEN 1 ELSE 0 END,
+                 last_error = CASE WHEN x.died
+                     THEN 'lease expired: the process running attempt ' || j.attempts
+                          || ' died (' || (j.lost_workers + 1) || ' such losses; not a failure of the job)'
+                     ELSE 'lease expired: the worker running attempt ' || j.attempts
+                          || ' stopped renewing it' END,
                  locked_by = NULL, lease_until = NULL, run_at = NULL, updated_at = now()
              FROM x WHERE j.id = x.id
              RETURNING j.id, j.attempts, j.kind, j.target, j.ordering_key, j.started_at, j.last_error

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -71,10 +71,11 @@ impl AvitoPoller {
 
     async fn poll(&self) -> Result<AvitoPollReport, AvitoPollError> {
         let mut report = AvitoPollReport::default();
+        let asked = Utc::now();
         let active = self.client.orders(ACTIVE_STATUSES, &[], None).await?;
         let seen: std::collections::HashSet<String> =
             active.iter().map(|o| o.order.external_id.clone()).collect();
-        self.ingest(active, &mut report).await?;
+        self.ingest(active, asked, &mut report).await?;
         // Held orders that left the active statuses (closed, canceled, unknown): by id.
         let far = Utc::now() + chrono::Duration::days(1);
         let held: Vec<String> =
@@ -85,16 +86,19 @@ impl AvitoPoller {
                 .filter(|id| !seen.contains(id))
                 .collect();
         for chunk in held.chunks(ORDERS_PAGE) {
+            let asked = Utc::now();
             let read = self.client.orders(&[], chunk, None).await?;
             report.by_id += read.len();
-            self.ingest(read, &mut report).await?;
+            self.ingest(read, asked, &mut report).await?;
         }
         Ok(report)
     }
 
+    /// Stores what was asked of Avito at `asked`.
     async fn ingest(
         &self,
         listed: Vec<AvitoOrder>,
+        asked: DateTime<Utc>,
         report: &mut AvitoPollReport,
     ) -> Result<(), AvitoPollError> {
         report.listed += listed.len();
@@ -113,11 +117,13 @@ impl AvitoPoller {
                 &order.order,
                 &order.content_hash,
                 &self.crm_target,
+                asked,
             )
             .await?
             {
                 Written::New => report.new += 1,
                 Written::Changed { .. } => report.changed += 1,
+                Written::Older => report.unchanged += 1,
             }
         }
         Ok(())

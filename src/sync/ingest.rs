@@ -2,8 +2,13 @@
 //! its stage-history row (when the status key moved), and the outbox intent
 //! "make the CRM lead reflect this order" (deduplicated per order). A poll
 //! writes a listed page's changes together ([`write_orders`]): one
-//! transaction and a few statements for up to 100 orders.
+//! transaction and a few statements for up to 100 orders. Every write says
+//! when its reading was asked of the marketplace: a reading older than the
+//! stored one (a reconciliation's page fetched before a poll's, a page whose
+//! lines took long) is not written ([`Written::Older`]), so an order never
+//! goes back to a status it has left.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use crate::domain::Order;
@@ -21,6 +26,9 @@ pub enum Written {
     Changed {
         status_from: Option<String>,
     },
+    /// Not written: the stored snapshot was asked of the marketplace later
+    /// than this one (it is newer news).
+    Older,
 }
 
 /// The ordering key every job of one order shares (its CRM sync and its
@@ -76,19 +84,22 @@ pub fn crm_sync_job_of(order: &OrderRef<'_>, order_id: i64, crm_target: &str) ->
 
 /// Writes many order changes (a listed page) in ONE transaction: the
 /// snapshots, the history rows of those whose status key moved and their
-/// outbox intents, in a few statements. Returns what happened to each
-/// distinct order (by external id, in listing order).
+/// outbox intents, in a few statements; `observed_at`: when the page was
+/// asked of the marketplace. Returns what happened to each distinct order (by
+/// external id, in listing order; those with a later stored reading last, as
+/// [`Written::Older`]).
 pub async fn write_orders(
     pool: &PgPool,
     changed: &[(&Order, &str)],
     crm_target: &str,
+    observed_at: DateTime<Utc>,
 ) -> Result<Vec<(String, Written)>, StoreError> {
     if changed.is_empty() {
         return Ok(Vec::new());
     }
     let mut tx = pool.begin().await?;
     orders::relax_commit(&mut tx).await?;
-    let upserted = orders::upsert_many(&mut tx, changed).await?;
+    let upserted = orders::upsert_many(&mut tx, changed, observed_at).await?;
     let by_id: std::collections::HashMap<&str, &Order> = changed
         .iter()
         .map(|(order, _)| (order.external_id.as_str(), *order))
@@ -126,6 +137,22 @@ pub async fn write_orders(
     orders::add_history_many(&mut tx, &history).await?;
     crate::store::outbox::enqueue_many(&mut tx, &jobs).await?;
     tx.commit().await?;
+    let mut older: Vec<&Order> = Vec::new();
+    for (order, _) in changed {
+        if !written.iter().any(|(id, _)| *id == order.external_id)
+            && !older.iter().any(|o| o.external_id == order.external_id)
+        {
+            older.push(order);
+        }
+    }
+    for order in older {
+        tracing::info!(order = %order.code, status = %order.status, %observed_at,
+            "A reading of the order older than the stored one came in late; the newer one is kept.");
+        metrics::counter!("orderbridge_orders_older_readings_total",
+            "marketplace" => order.marketplace.as_str())
+        .increment(1);
+        written.push((order.external_id.clone(), Written::Older));
+    }
     let inserted = written
         .iter()
         .filter(|(_, w)| matches!(w, Written::New))
@@ -137,14 +164,15 @@ pub async fn write_orders(
 }
 
 /// Writes one order change with its history row and outbox intent, atomically
-/// (a page of one).
+/// (a page of one); `observed_at`: when it was asked of the marketplace.
 pub async fn write_order(
     pool: &PgPool,
     order: &Order,
     content_hash: &str,
     crm_target: &str,
+    observed_at: DateTime<Utc>,
 ) -> Result<Written, StoreError> {
-    write_orders(pool, &[(order, content_hash)], crm_target)
+    write_orders(pool, &[(order, content_hash)], crm_target, observed_at)
         .await?
         .into_iter()
         .next()

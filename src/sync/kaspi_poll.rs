@@ -59,6 +59,7 @@ impl PollReport {
         match done.written {
             Written::New => self.new += 1,
             Written::Changed { .. } => self.changed += 1,
+            Written::Older => {}
         }
         if done.entries_fetched {
             self.entries_fetched += 1;
@@ -155,8 +156,9 @@ impl KaspiPoller {
         for (start, end) in windows(from, now) {
             let mut run = PageRun::First;
             loop {
+                let asked = Utc::now();
                 let (listed, more) = self.client.list_pages(start, end, run).await?;
-                self.ingest(listed, report).await?;
+                self.ingest(listed, asked, report).await?;
                 match more {
                     Some(next) => run = next,
                     None => break,
@@ -226,11 +228,12 @@ impl KaspiPoller {
         // Active orders that left the window: one by one until terminal.
         for known in orders::active_created_before(&self.pool, "kaspi", &shop, window_from).await? {
             self.list_newest_if_due(&mut report).await?;
+            let asked = Utc::now();
             match self.client.order(&known.external_id).await? {
                 Some(order) => {
                     report.refreshed += 1;
                     if order.content_hash != known.content_hash {
-                        let done = self.write(order, true).await?;
+                        let done = self.write(order, true, asked).await?;
                         report.add(done);
                     }
                 }
@@ -256,8 +259,9 @@ impl KaspiPoller {
         for (start, end) in windows(from, to) {
             let mut run = PageRun::First;
             loop {
+                let asked = Utc::now();
                 let (listed, more) = self.client.list_pages(start, end, run).await?;
-                self.ingest(listed, report).await?;
+                self.ingest(listed, asked, report).await?;
                 if to_now && end >= to {
                     // The window that ends now: the newest window starts here.
                     self.covered(to);
@@ -272,9 +276,11 @@ impl KaspiPoller {
         Ok(())
     }
 
+    /// Stores a listed page asked of Kaspi at `asked`.
     async fn ingest(
         &self,
         listed: Vec<KaspiOrder>,
+        asked: DateTime<Utc>,
         report: &mut PollReport,
     ) -> Result<(), PollError> {
         report.listed += listed.len();
@@ -316,7 +322,7 @@ impl KaspiPoller {
             .iter()
             .map(|(order, _)| (&order.order, order.content_hash.as_str()))
             .collect();
-        let written = ingest::write_orders(&self.pool, &rows, &self.crm_target).await?;
+        let written = ingest::write_orders(&self.pool, &rows, &self.crm_target, asked).await?;
         let fetched: std::collections::HashMap<&str, (&KaspiOrder, bool)> = ready
             .iter()
             .map(|(order, fetched)| (order.order.external_id.as_str(), (order, *fetched)))
@@ -337,14 +343,16 @@ impl KaspiPoller {
         }
     }
 
-    /// Stores one listed order the way a poll does (its lines fetched when
-    /// neither the listing nor the store has them): for reconciliation.
+    /// Stores one listed order (asked of Kaspi at `asked`) the way a poll
+    /// does (its lines fetched when neither the listing nor the store has
+    /// them): for reconciliation.
     pub(crate) async fn store_listed(
         &self,
         order: KaspiOrder,
         have_items: bool,
+        asked: DateTime<Utc>,
     ) -> Result<(), PollError> {
-        self.write(order, have_items).await.map(|_| ())
+        self.write(order, have_items, asked).await.map(|_| ())
     }
 
     /// An order with its lines: fetched when neither the listing nor the
@@ -374,14 +382,21 @@ impl KaspiPoller {
         Ok((order, entries_fetched))
     }
 
-    /// Writes one order (fetching its lines first when it has none yet).
-    async fn write(&self, order: KaspiOrder, have_items: bool) -> Result<WriteDone, PollError> {
+    /// Writes one order asked of Kaspi at `asked` (fetching its lines first
+    /// when it has none yet).
+    async fn write(
+        &self,
+        order: KaspiOrder,
+        have_items: bool,
+        asked: DateTime<Utc>,
+    ) -> Result<WriteDone, PollError> {
         let (order, entries_fetched) = self.prepare(order, have_items).await?;
         let written = ingest::write_order(
             &self.pool,
             &order.order,
             &order.content_hash,
             &self.crm_target,
+            asked,
         )
         .await?;
         log_change(&order, &written);

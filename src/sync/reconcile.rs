@@ -304,6 +304,7 @@ impl Sources {
                 if cancel.is_cancelled() {
                     return Ok(());
                 }
+                let asked = Utc::now();
                 let (listed, more) = client
                     .list_pages(start, end, run)
                     .await
@@ -327,7 +328,7 @@ impl Sources {
                     }
                     let code = order.order.code.clone();
                     let have_items = k.is_some_and(|k| k.has_items);
-                    match poller.store_listed(order, have_items).await {
+                    match poller.store_listed(order, have_items, asked).await {
                         Ok(()) => summary.repaired += 1,
                         Err(e) => summary.fail(format!("order {code}: ingesting failed: {e}")),
                     }
@@ -354,6 +355,8 @@ impl Sources {
         let shop = client.account().to_string();
         let phase = format!("avito:{shop}");
         progress(&phase, 0, None);
+        // Every page's reading counts from the listing's start.
+        let asked = Utc::now();
         let listed = client
             .orders(&[], &[], Some(scope.since))
             .await
@@ -376,8 +379,14 @@ impl Sources {
             if drift == Drift::None || scope.dry_run {
                 continue;
             }
-            match ingest::write_order(&self.pool, &order.order, &order.content_hash, crm_target)
-                .await
+            match ingest::write_order(
+                &self.pool,
+                &order.order,
+                &order.content_hash,
+                crm_target,
+                asked,
+            )
+            .await
             {
                 Ok(_) => summary.repaired += 1,
                 Err(e) => {

@@ -710,6 +710,7 @@ impl MarketplaceActionHandler {
         let crm_account = job.payload["crm_account"].as_str().unwrap_or_default();
         let crm_target = format!("amocrm:{crm_account}");
         let stored = orders::snapshot(&self.pool, marketplace, shop, external_id).await?;
+        let asked = chrono::Utc::now();
         let fresh = match marketplace {
             "kaspi" => match self.kaspi.get(shop).map(|c| c.order(external_id)) {
                 Some(read) => read
@@ -735,22 +736,33 @@ impl MarketplaceActionHandler {
                         order.items = stored.items.clone();
                     }
                 }
-                crate::sync::ingest::write_order(&self.pool, &order, &content_hash, &crm_target)
-                    .await?;
-            }
-            other => {
-                if let Err(error) = other {
-                    tracing::warn!(order = %external_id, %error, "Could not re-read the order after a refused action; the lead follows the stored status.");
-                }
-                let Some(order) = stored else {
+                let written = crate::sync::ingest::write_order(
+                    &self.pool,
+                    &order,
+                    &content_hash,
+                    &crm_target,
+                    asked,
+                )
+                .await?;
+                if written != crate::sync::ingest::Written::Older {
+                    // Its CRM sync came with it.
                     return Ok(());
-                };
-                let order_id = job.payload["order_id"].as_i64().unwrap_or_default();
-                let intent = crate::sync::ingest::crm_sync_job(&order, order_id, &crm_target);
-                let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
-                crate::store::outbox::enqueue(&mut conn, &intent).await?;
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(order = %external_id, %error, "Could not re-read the order after a refused action; the lead follows the stored status.");
             }
         }
+        // The stored order (read again: a poll may have stored a newer one).
+        let Some(order) = orders::snapshot(&self.pool, marketplace, shop, external_id).await?
+        else {
+            return Ok(());
+        };
+        let order_id = job.payload["order_id"].as_i64().unwrap_or_default();
+        let intent = crate::sync::ingest::crm_sync_job(&order, order_id, &crm_target);
+        let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+        crate::store::outbox::enqueue(&mut conn, &intent).await?;
         Ok(())
     }
 }
