@@ -12,6 +12,7 @@ use common::*;
 use orderbridge::config::Settings;
 use orderbridge::sim::amocrm::{AmoSim, AmoSimConfig};
 use orderbridge::sim::avito::{AvitoSim, AvitoSimConfig};
+use orderbridge::sim::kaspi::{KaspiSim, KaspiSimConfig};
 
 const AMO_TOKEN: &str = "long-lived-messenger-token";
 
@@ -173,10 +174,18 @@ async fn a_buyers_first_message_becomes_one_lead_and_later_ones_notes_on_it() {
     db.drop_now().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_avito_order_becomes_a_lead_with_the_shipped_maps_sharing_one_crm_account() {
-    use orderbridge::sim::avito::SimAvitoOrderSpec;
-    use orderbridge::sim::kaspi::{KaspiSim, KaspiSimConfig};
+/// A daemon serving an Avito and a Kaspi shop on one amoCRM account seeded
+/// from both shipped maps.
+struct BothShops {
+    db: orderbridge::store::ScratchDatabase,
+    avito: AvitoSim,
+    kaspi: KaspiSim,
+    amo: AmoSim,
+    stop: tokio_util::sync::CancellationToken,
+    daemon: tokio::task::JoinHandle<()>,
+}
+
+async fn both_shops() -> BothShops {
     let db = fresh_db().await;
     let avito = AvitoSim::start(AvitoSimConfig::default()).await.unwrap();
     let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
@@ -199,6 +208,27 @@ async fn an_avito_order_becomes_a_lead_with_the_shipped_maps_sharing_one_crm_acc
         &avito,
         Some(&kaspi.base_url()),
     ));
+    BothShops {
+        db,
+        avito,
+        kaspi,
+        amo,
+        stop,
+        daemon,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_avito_order_becomes_a_lead_with_the_shipped_maps_sharing_one_crm_account() {
+    use orderbridge::sim::avito::SimAvitoOrderSpec;
+    let BothShops {
+        db,
+        avito,
+        kaspi,
+        amo,
+        stop,
+        daemon,
+    } = both_shops().await;
     let mut spec = SimAvitoOrderSpec::new(
         "70000000001",
         chrono::Utc::now() - chrono::Duration::minutes(5),
@@ -241,29 +271,15 @@ async fn an_avito_order_becomes_a_lead_with_the_shipped_maps_sharing_one_crm_acc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_storm_slows_both_marketplace_pollers_down_and_they_recover() {
     use orderbridge::sim::avito::{AvitoFault, SimAvitoOrderSpec};
-    use orderbridge::sim::kaspi::{KaspiFault, KaspiSim, KaspiSimConfig};
-    let db = fresh_db().await;
-    let avito = AvitoSim::start(AvitoSimConfig::default()).await.unwrap();
-    let kaspi = KaspiSim::start(KaspiSimConfig::default()).await.unwrap();
-    let amo = AmoSim::start(AmoSimConfig {
-        long_lived_token: Some(AMO_TOKEN.into()),
-        ..AmoSimConfig::default()
-    })
-    .await
-    .unwrap();
-    seed_crm_from_maps(
-        &amo,
-        &[
-            std::path::Path::new("config/maps/kaspi.toml"),
-            std::path::Path::new("config/maps/avito.toml"),
-        ],
-    );
-    let (stop, daemon) = start_daemon(settings_with(
-        &db.name,
-        &amo,
-        &avito,
-        Some(&kaspi.base_url()),
-    ));
+    use orderbridge::sim::kaspi::KaspiFault;
+    let BothShops {
+        db,
+        avito,
+        kaspi,
+        amo,
+        stop,
+        daemon,
+    } = both_shops().await;
     wait_for("both shops polled", Duration::from_secs(30), || async {
         count(
             &db.pool,

@@ -605,6 +605,9 @@ impl World {
             .filter(|c| applied.contains_key(*c))
             .count();
         let duplicate_actions: usize = applied.values().map(|n| n.saturating_sub(1)).sum();
+        for code in moved_codes.iter().filter(|c| !applied.contains_key(*c)) {
+            self.explain_unapplied(code).await?;
+        }
         // The integration's own stage changes, in the order amoCRM made them:
         // one to an earlier stage means changes were applied out of order.
         let stages: Vec<&(u64, String)> = [&self.kaspi_funnel, &self.avito_funnel]
@@ -728,6 +731,59 @@ impl World {
             ],
             broken,
         ))
+    }
+
+    /// What the database knows of a manager's move that never reached the
+    /// marketplace (to start the diagnosis): the order's timeline, the CRM
+    /// changes of its lead as judged, and its jobs' attempts.
+    async fn explain_unapplied(&self, code: &str) -> Result<(), BenchError> {
+        let lead: Option<(i64, i64, String)> = sqlx::query_as(
+            "SELECT l.lead_id, o.id, o.ordering FROM (SELECT id, marketplace || ':' || account || ':' || external_id AS ordering, code FROM orders) o
+             JOIN crm_links l ON l.order_id = o.id WHERE o.code = $1",
+        )
+        .bind(code)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(failed)?;
+        let Some((lead_id, order_id, ordering)) = lead else {
+            eprintln!("prove: move of {code} never reached its marketplace; no link stored");
+            return Ok(());
+        };
+        eprintln!("prove: move of order {code} (lead {lead_id}) never reached its marketplace:");
+        let events: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT to_char(at, 'HH24:MI:SS.MS'), kind, detail FROM order_events
+             WHERE order_id = $1 ORDER BY at",
+        )
+        .bind(order_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(failed)?;
+        for (at, kind, detail) in events {
+            eprintln!("prove:   {at} event {kind}: {detail}");
+        }
+        let changes: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+            "SELECT to_char(received_at, 'HH24:MI:SS.MS'), kind, payload::text, outcome FROM inbox
+             WHERE source = 'amocrm' AND payload->>'lead_id' = $1 ORDER BY id",
+        )
+        .bind(lead_id.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(failed)?;
+        for (at, kind, payload, outcome) in changes {
+            eprintln!("prove:   {at} CRM {kind} → {outcome:?}: {payload}");
+        }
+        let attempts: Vec<(String, String, i32, String, Option<String>)> = sqlx::query_as(
+            "SELECT to_char(started_at, 'HH24:MI:SS.MS'), kind, attempt, outcome, error
+             FROM outbox_attempts WHERE ordering_key = $1 ORDER BY started_at",
+        )
+        .bind(format!("order:{ordering}"))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(failed)?;
+        for (at, kind, attempt, outcome, error) in attempts {
+            eprintln!("prove:   {at} job {kind} attempt {attempt} {outcome} {error:?}");
+        }
+        Ok(())
     }
 
     /// Leads not in the stage their order's stored status maps to.
