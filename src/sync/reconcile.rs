@@ -497,10 +497,16 @@ impl Sources {
                     }
                     Some(lead) if (lead.pipeline_id, lead.status_id) == stage => None,
                     Some(lead) => {
-                        let known_manager_move = order.manager_moved == Some(true)
-                            && !order.is_terminal
-                            && order.pushed_pipeline_id == Some(lead.pipeline_id as i64)
-                            && order.pushed_status_id == Some(lead.status_id as i64);
+                        // The stored rows were read before the leads: a manager
+                        // may have moved this lead since (found by the api-faults
+                        // suite: such a move was "repaired" back). Judge the
+                        // link as it is now.
+                        let link = links::get(&self.pool, order.order_id).await?;
+                        let known_manager_move = link.as_ref().is_some_and(|l| {
+                            l.manager_moved
+                                && l.pushed_pipeline_id == Some(lead.pipeline_id as i64)
+                                && l.pushed_status_id == Some(lead.status_id as i64)
+                        }) && !order.is_terminal;
                         if busy
                             || known_manager_move
                             || explained.awaiting_code.contains(&order.order_id)
