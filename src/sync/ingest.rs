@@ -137,14 +137,14 @@ pub async fn write_orders(
     orders::add_history_many(&mut tx, &history).await?;
     crate::store::outbox::enqueue_many(&mut tx, &jobs).await?;
     tx.commit().await?;
-    let mut older: Vec<&Order> = Vec::new();
-    for (order, _) in changed {
-        if !written.iter().any(|(id, _)| *id == order.external_id)
-            && !older.iter().any(|o| o.external_id == order.external_id)
-        {
-            older.push(order);
-        }
-    }
+    // Orders of the page not written: a later reading is stored (each once).
+    let mut accounted: std::collections::HashSet<String> =
+        written.iter().map(|(id, _)| id.clone()).collect();
+    let older: Vec<&Order> = changed
+        .iter()
+        .map(|(order, _)| *order)
+        .filter(|order| accounted.insert(order.external_id.clone()))
+        .collect();
     for order in older {
         tracing::info!(order = %order.code, status = %order.status, %observed_at,
             "A reading of the order older than the stored one came in late; the newer one is kept.");
