@@ -605,3 +605,241 @@ async fn the_daemon_reconciles_by_itself_and_a_stopped_run_changes_nothing() {
     let World { db, .. } = w;
     db.drop_now().await.unwrap();
 }
+
+impl World {
+    /// Starts the daemon and waits until `/readyz` says the maps resolved.
+    async fn start_ready_daemon(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let started = self.start_daemon();
+        let readyz = format!("http://{}/readyz", self.settings.http.listen);
+        wait_for(
+            "the daemon ready (maps resolved)",
+            Duration::from_secs(30),
+            || async {
+                reqwest::get(&readyz)
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await;
+        started
+    }
+
+    async fn settled(&self) -> bool {
+        count(&self.db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+            && count(
+                &self.db.pool,
+                "SELECT count(*) FROM inbox WHERE processed_at IS NULL",
+            )
+            .await
+                == 0
+    }
+
+    async fn order_id(&self, code: &str) -> i64 {
+        sqlx::query_scalar("SELECT id FROM orders WHERE code = $1")
+            .bind(code)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn manager_moved(&self, code: &str) -> bool {
+        sqlx::query_scalar(
+            "SELECT l.manager_moved FROM crm_links l JOIN orders o ON o.id = l.order_id WHERE o.code = $1",
+        )
+        .bind(code)
+        .fetch_optional(&self.db.pool)
+        .await
+        .unwrap()
+        .unwrap_or(false)
+    }
+
+    fn scope_of_a_day(&self) -> orderbridge::sync::reconcile::Scope {
+        orderbridge::sync::reconcile::Scope {
+            crm_account: "main".into(),
+            shop: None,
+            since: chrono::Utc::now() - chrono::Duration::days(1),
+            dry_run: false,
+        }
+    }
+}
+
+/// Found by `prove api-faults`: the reconciliation read the stored orders
+/// (whether a manager moved each lead), then the leads. A manager who accepted
+/// an order in between left a lead in "another stage" with no known manager's
+/// move, and the reconciliation moved it back to «Новая заявка».
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managers_move_made_while_the_reconciliation_reads_the_leads_is_not_moved_back() {
+    let w = world().await;
+    let manager = w.amo.seed_user("Менеджер смены");
+    let now = chrono::Utc::now().timestamp_millis();
+    let order = w
+        .kaspi
+        .create_order(SimOrderSpec::new("75000001", now - 60_000));
+    let (stop, task) = w.start_ready_daemon().await;
+    wait_for("the lead, settled", Duration::from_secs(60), || async {
+        w.link_of("75000001").await.is_some() && w.settled().await
+    })
+    .await;
+    let lead = w.link_of("75000001").await.unwrap() as u64;
+    let pipeline = w.amo.lead(lead).unwrap().pipeline_id;
+    let accepted = w.stage_id("В работе / Сборка");
+
+    // The reconciliation's reading of the leads waits at amoCRM, after it read
+    // the Kaspi listing and the stored orders.
+    let mut reading = w
+        .amo
+        .hold_next("GET", "/api/v4/leads", "filter[updated_at][from]");
+    let sources = orderbridge::daemon::reconcile_sources(&w.settings, &w.db.pool)
+        .await
+        .unwrap();
+    let scope = w.scope_of_a_day();
+    let run = tokio::spawn(async move {
+        sources
+            .reconcile(
+                &scope,
+                &|_: &str, _: u64, _: Option<u64>| {},
+                &CancellationToken::new(),
+            )
+            .await
+    });
+    assert!(
+        reading.reached(Duration::from_secs(30)).await,
+        "the reconciliation reads the leads"
+    );
+    // Meanwhile the manager accepts the order; Kaspi applies it and the poll
+    // stores it, all before the reading's answer.
+    w.amo.manager_moves_lead(lead, pipeline, accepted, manager);
+    wait_for(
+        "Kaspi accepts and the daemon settles",
+        Duration::from_secs(30),
+        || async {
+            w.kaspi
+                .order(&order.id)
+                .is_some_and(|o| o.status == "ACCEPTED_BY_MERCHANT")
+                && count(
+                    &w.db.pool,
+                    "SELECT count(*) FROM orders WHERE status_key = 'accepted'",
+                )
+                .await
+                    == 1
+                && w.manager_moved("75000001").await
+                && w.settled().await
+        },
+    )
+    .await;
+    reading.release();
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!(
+        (summary.wrong_stage, summary.repaired, summary.explained),
+        (0, 0, 1),
+        "the lead is where the manager put it, and that is known: {summary:?}"
+    );
+    wait_for("the daemon settles", Duration::from_secs(30), || async {
+        w.settled().await
+    })
+    .await;
+    assert_eq!(w.amo.lead(lead).unwrap().status_id, accepted);
+    let back = w
+        .amo
+        .stage_changes()
+        .into_iter()
+        .filter(|(id, from, _, _)| *id == lead && *from == accepted)
+        .count();
+    assert_eq!(back, 0, "the lead never left the manager's stage");
+    stop.cancel();
+    task.await.unwrap();
+    let World { db, .. } = w;
+    db.drop_now().await.unwrap();
+}
+
+/// A repair the reconciliation queued ("the lead is in another stage than
+/// the map gives: move it") is dropped when a manager moved the lead after the
+/// reconciliation judged it; one judged after the manager's move still moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_repair_judged_before_a_managers_move_does_not_undo_it() {
+    let w = world().await;
+    let manager = w.amo.seed_user("Менеджер смены");
+    let now = chrono::Utc::now().timestamp_millis();
+    w.kaspi
+        .create_order(SimOrderSpec::new("75000002", now - 60_000));
+    let (stop, task) = w.start_ready_daemon().await;
+    wait_for("the lead, settled", Duration::from_secs(60), || async {
+        w.link_of("75000002").await.is_some() && w.settled().await
+    })
+    .await;
+    let lead = w.link_of("75000002").await.unwrap() as u64;
+    let pipeline = w.amo.lead(lead).unwrap().pipeline_id;
+    let first = w.stage_id("Новая заявка");
+    // A stage with no marketplace action: the order stays new at Kaspi.
+    let delivering = w.stage_id("В доставке");
+    let order_id = w.order_id("75000002").await;
+    let external_id: String = sqlx::query_scalar("SELECT external_id FROM orders WHERE id = $1")
+        .bind(order_id)
+        .fetch_one(&w.db.pool)
+        .await
+        .unwrap();
+    // The job the reconciliation queues for a lead it found in another stage.
+    let enqueue = |judged_at: chrono::DateTime<chrono::Utc>| {
+        let mut job = orderbridge::sync::ingest::crm_sync_job_of(
+            &orderbridge::sync::ingest::OrderRef {
+                marketplace: "kaspi",
+                account: "kaspi_main",
+                external_id: &external_id,
+                code: "75000002",
+            },
+            order_id,
+            "amocrm:main",
+        );
+        job.payload["force_stage"] = true.into();
+        job.payload["judged_at"] = judged_at.to_rfc3339().into();
+        let pool = w.db.pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            orderbridge::store::outbox::enqueue(&mut conn, &job)
+                .await
+                .unwrap();
+        }
+    };
+
+    let judged_before = orderbridge::store::links::database_now(&w.db.pool)
+        .await
+        .unwrap();
+    w.amo
+        .manager_moves_lead(lead, pipeline, delivering, manager);
+    wait_for(
+        "the manager's move recorded",
+        Duration::from_secs(30),
+        || async { w.manager_moved("75000002").await && w.settled().await },
+    )
+    .await;
+    enqueue(judged_before).await;
+    wait_for("the repair done", Duration::from_secs(30), || async {
+        w.settled().await
+    })
+    .await;
+    assert_eq!(
+        w.amo.lead(lead).unwrap().status_id,
+        delivering,
+        "the manager's later move stands"
+    );
+    let dropped = count(
+        &w.db.pool,
+        "SELECT count(*) FROM order_events WHERE kind = 'reconcile' AND detail LIKE 'repair dropped%'",
+    )
+    .await;
+    assert_eq!(dropped, 1, "the order's timeline says why");
+
+    // Judged after the manager's move: the reconciliation knew of it.
+    let judged_after = orderbridge::store::links::database_now(&w.db.pool)
+        .await
+        .unwrap();
+    enqueue(judged_after).await;
+    wait_for("the repair done", Duration::from_secs(30), || async {
+        w.settled().await && w.amo.lead(lead).is_some_and(|l| l.status_id == first)
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    let World { db, .. } = w;
+    db.drop_now().await.unwrap();
+}

@@ -1181,3 +1181,47 @@ fn the_handle_can_be_shared_across_tasks() {
     fn send_sync<T: Send + Sync + Clone + 'static>() {}
     send_sync::<AmoSim>();
 }
+
+#[tokio::test]
+async fn a_held_request_waits_unanswered_and_is_carried_out_when_released() {
+    let sim = start(config()).await;
+    let pipe = sim.seed_pipeline("Sales", &["New", "Paid"]);
+    let v = ok_json(
+        &sim,
+        Method::POST,
+        "/api/v4/leads",
+        json!([{"name": "Order 8", "price": 100}]),
+    )
+    .await;
+    let id = v["_embedded"]["leads"][0]["id"].as_u64().unwrap();
+    let mut held = sim.hold_next("GET", "/api/v4/leads", "filter[updated_at][from]");
+    // Another listing, without that parameter, is not held.
+    assert_eq!(get(&sim, "/api/v4/leads").await.status, 200);
+    let listing = {
+        let path = "/api/v4/leads?filter%5Bupdated_at%5D%5Bfrom%5D=0".to_string();
+        let base = sim.base_url();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .get(format!("{base}{path}"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    assert!(
+        held.reached(Duration::from_secs(5)).await,
+        "the listing arrives"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!listing.is_finished(), "and waits unanswered");
+    // A change made while it waits is in its answer: it is carried out after.
+    let paid = pipe.stages[2].0;
+    sim.drift_lead_stage(id, pipe.id, paid);
+    held.release();
+    let answer = listing.await.unwrap();
+    assert_eq!(answer["_embedded"]["leads"][0]["status_id"], paid);
+}

@@ -326,6 +326,30 @@ pub async fn set_manager_moved(
     Ok(())
 }
 
+/// The database's clock, against which the links' times are compared.
+pub async fn database_now(pool: &PgPool) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Whether the lead's last known stage is a manager's move recorded at or
+/// after `since` (by the database's clock, [`database_now`]).
+pub async fn manager_moved_since(
+    pool: &PgPool,
+    order_id: i64,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM crm_links
+                         WHERE order_id = $1 AND manager_moved AND manager_moved_at >= $2)",
+    )
+    .bind(order_id)
+    .bind(since)
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Records the stage the bridge set with a push recorded at `intended_at`,
 /// unless a manager's move was recorded after that push began (the manager's
 /// move is the newer truth and stays). Returns whether it was recorded.

@@ -429,6 +429,9 @@ impl Sources {
             .count() as u64;
         let total = stored.len() as u64;
         progress(&phase, 0, Some(total));
+        // A repair of a lead found in another stage is dropped when a manager
+        // moved it after this moment (its reading may not show the move).
+        let judged_at = links::database_now(&self.pool).await?;
         let leads = match self.read_leads(client, scope.since, &stored).await {
             Ok(leads) => leads,
             Err(why) => {
@@ -548,7 +551,7 @@ impl Sources {
                 continue;
             }
             match self
-                .repair(order, &target, &scope.crm_account, repair)
+                .repair(order, &target, &scope.crm_account, repair, judged_at)
                 .await
             {
                 Ok(()) => summary.repaired += 1,
@@ -597,6 +600,7 @@ impl Sources {
         target: &str,
         crm_account: &str,
         repair: Repair,
+        judged_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let mut job = ingest::crm_sync_job_of(
             &OrderRef {
@@ -614,7 +618,10 @@ impl Sources {
                 // A lead may exist that the range's reads did not show: look first.
                 job.payload["recover"] = true.into();
             }
-            Repair::Move => job.payload["force_stage"] = true.into(),
+            Repair::Move => {
+                job.payload["force_stage"] = true.into();
+                job.payload["judged_at"] = judged_at.to_rfc3339().into();
+            }
             Repair::Recreate { previous } => {
                 store::drop_link(&mut tx, order.order_id).await?;
                 job.payload["replaces_lead"] = (*previous).into();

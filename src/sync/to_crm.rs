@@ -264,6 +264,13 @@ impl Handler for CrmSyncHandler {
                 // A repair (reconciliation found the lead elsewhere) moves it
                 // even when the bridge believes it set that stage already.
                 let force_stage = job.payload["force_stage"].as_bool() == Some(true);
+                if force_stage
+                    && self
+                        .moved_since_judged(job, &order, order_id, &link)
+                        .await?
+                {
+                    return Ok(());
+                }
                 let link = if force_stage {
                     Link {
                         pushed_pipeline_id: None,
@@ -344,6 +351,41 @@ struct Creation<'a> {
 }
 
 impl CrmSyncHandler {
+    /// Whether a manager moved the lead after the reconciliation that queued
+    /// this repair judged it in the wrong stage (`judged_at`: the database's
+    /// clock before it read the leads). The manager's move is the newer truth:
+    /// forcing the map's stage would undo it (its action goes to the
+    /// marketplace and the order's new status brings the lead's stage).
+    async fn moved_since_judged(
+        &self,
+        job: &JobContext,
+        order: &Order,
+        order_id: i64,
+        link: &Link,
+    ) -> Result<bool, ToCrmError> {
+        let Some(judged_at) = job.payload["judged_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        else {
+            return Ok(false);
+        };
+        if !links::manager_moved_since(&self.pool, order_id, judged_at.with_timezone(&chrono::Utc))
+            .await?
+        {
+            return Ok(false);
+        }
+        tracing::info!(order = %order.code, lead_id = link.lead_id,
+            "A manager moved the lead after the reconciliation judged its stage; the repair is dropped and the manager's move stands.");
+        timeline::record(
+            &self.pool,
+            order_id,
+            "reconcile",
+            "repair dropped: a manager moved the lead after the reconciliation judged it",
+        )
+        .await;
+        Ok(true)
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn update(
         &self,

@@ -193,6 +193,33 @@ pub struct SimDelivery {
 }
 
 /// The shared core the server task and the handle both use.
+/// A request [`AmoSim::hold_next`] keeps waiting.
+pub struct HeldRequest {
+    reached: Option<tokio::sync::oneshot::Receiver<()>>,
+    release: tokio::sync::oneshot::Sender<()>,
+}
+
+impl HeldRequest {
+    /// Waits up to `within` for the request to arrive; whether it did.
+    pub async fn reached(&mut self, within: Duration) -> bool {
+        match self.reached.as_mut() {
+            None => true,
+            Some(rx) => {
+                let arrived = matches!(tokio::time::timeout(within, rx).await, Ok(Ok(())));
+                if arrived {
+                    self.reached = None;
+                }
+                arrived
+            }
+        }
+    }
+
+    /// Lets the request be carried out now.
+    pub fn release(self) {
+        let _ = self.release.send(());
+    }
+}
+
 pub(crate) struct Shared {
     state: Mutex<State>,
     http: reqwest::Client,
@@ -455,6 +482,26 @@ impl AmoSim {
     /// request was carried out, as a real account's latency.
     pub fn set_answer_delay(&self, delay: Duration) {
         self.lock().answer_delay = delay;
+    }
+
+    /// The next `method` request to exactly `path` that carries the query
+    /// parameter `query_key` waits, before it is carried out, until the
+    /// returned hold is released or dropped: a client's reading caught between
+    /// its other steps, so a test can change the account meanwhile.
+    pub fn hold_next(&self, method: &str, path: &str, query_key: &str) -> HeldRequest {
+        let (reached_tx, reached) = tokio::sync::oneshot::channel();
+        let (release, release_rx) = tokio::sync::oneshot::channel();
+        self.lock().holds.push(state::PendingHold {
+            method: method.to_string(),
+            path: path.to_string(),
+            query_key: query_key.to_string(),
+            reached: reached_tx,
+            release: release_rx,
+        });
+        HeldRequest {
+            reached: Some(reached),
+            release,
+        }
     }
 
     pub fn unblock(&self) {

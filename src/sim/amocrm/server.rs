@@ -53,6 +53,20 @@ async fn handle(
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let path = uri.path().to_string();
     let raw_query = uri.query().unwrap_or_default().to_string();
+    let held = {
+        let mut st = shared.lock();
+        let query = Query::parse(&raw_query);
+        st.holds
+            .iter()
+            .position(|h| h.matches(method.as_str(), &path, &query))
+            .map(|i| st.holds.remove(i))
+    };
+    if let Some(hold) = held {
+        // The test learns the request arrived, then decides when it goes on
+        // (a dropped hold lets it go too).
+        let _ = hold.reached.send(());
+        let _ = hold.release.await;
+    }
     let (front, jobs, delay) = {
         let mut st = shared.lock();
         let mut changes = Vec::new();

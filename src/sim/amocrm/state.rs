@@ -254,9 +254,28 @@ pub(super) struct State {
     pub steady_fault: Option<crate::sim::support::SteadyFault<Fault>>,
     /// How long every answer takes (a real account answers in 100–500 ms).
     pub answer_delay: std::time::Duration,
+    /// Requests to keep waiting before they are carried out (first match first).
+    pub holds: Vec<PendingHold>,
     pub requests: Vec<SimRequest>,
     pub deliveries: Vec<SimDelivery>,
     pub refresh_calls: usize,
+}
+
+/// A request the front keeps waiting, before carrying it out, until the
+/// test releases it ([`super::AmoSim::hold_next`]).
+pub struct PendingHold {
+    pub method: String,
+    pub path: String,
+    /// A query parameter the request must carry (decoded name).
+    pub query_key: String,
+    pub reached: tokio::sync::oneshot::Sender<()>,
+    pub release: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl PendingHold {
+    pub fn matches(&self, method: &str, path: &str, query: &super::wire::Query) -> bool {
+        self.method == method && self.path == path && query.get(&self.query_key).is_some()
+    }
 }
 
 impl State {
@@ -308,6 +327,7 @@ impl State {
             steady_fault: None,
             rate_limited: 0,
             answer_delay: std::time::Duration::ZERO,
+            holds: Vec::new(),
             requests: Vec::new(),
             deliveries: Vec::new(),
             refresh_calls: 0,
