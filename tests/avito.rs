@@ -542,3 +542,50 @@ async fn unread_chats_are_polled_when_webhooks_are_missed() {
     );
     db.drop_now().await.unwrap();
 }
+
+/// The account-wide pause after 429s (as for Kaspi): queued actions and the
+/// poll of one account wait it out together, one probe at a time while the
+/// storm lasts, instead of each retrying on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_pauses_every_call_of_the_account_until_an_answer_comes() {
+    let sim = sim().await;
+    let client = client(&sim);
+    client.orders(ACTIVE_STATUSES, &[], None).await.unwrap();
+    sim.fault_every(AvitoFault::TooManyRequests, 1);
+    let before = sim.requests().len();
+    let started = Instant::now();
+    let lift = {
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            sim.lift_steady_fault();
+        })
+    };
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                loop {
+                    if client.orders(ACTIVE_STATUSES, &[], None).await.is_ok() {
+                        return started.elapsed();
+                    }
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        let done = caller.await.unwrap();
+        assert!(done < Duration::from_secs(15), "answered after {done:?}");
+    }
+    lift.await.unwrap();
+    let throttled = sim.requests()[before..]
+        .iter()
+        .filter(|r| r.status == 429)
+        .count();
+    // At most the first wave (the account's limiter spaces it), then one probe
+    // after ~1 s and ~3 s.
+    assert!(
+        (1..=11).contains(&throttled),
+        "{throttled} requests answered 429 in a 6 s storm"
+    );
+}

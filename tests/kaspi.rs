@@ -768,3 +768,47 @@ async fn a_reading_older_than_the_stored_one_never_turns_the_order_back() {
     ));
     db.drop_now().await.unwrap();
 }
+
+/// Found by `prove api-faults`: during a 429 storm the shop's queued actions
+/// kept retrying, each on its own schedule (2.9 requests a second). A 429 now
+/// pauses every call of the shop (1 s, doubling), one probe at a time while
+/// the storm lasts; the first answer that is not a 429 lets everyone go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_pauses_every_call_of_the_shop_until_an_answer_comes() {
+    let sim = sim(KaspiSimConfig::default()).await;
+    let client = good(&sim);
+    sim.fault_every(KaspiFault::TooManyRequests, 1);
+    let started = std::time::Instant::now();
+    let lift = {
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            sim.lift_steady_fault();
+        })
+    };
+    // A poll and seven queued actions, each retrying at once on its own.
+    let callers: Vec<_> = (0..8)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                loop {
+                    if client.order(&format!("order-{i}")).await.is_ok() {
+                        return started.elapsed();
+                    }
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        let done = caller.await.unwrap();
+        assert!(done < Duration::from_secs(15), "answered after {done:?}");
+    }
+    lift.await.unwrap();
+    let throttled = sim.requests().iter().filter(|r| r.status == 429).count();
+    // The first wave (8 sent together), then one probe after ~1 s and ~3 s;
+    // the probe after ~7 s meets the lifted storm.
+    assert!(
+        (8..=11).contains(&throttled),
+        "{throttled} requests answered 429 in a 6 s storm"
+    );
+}

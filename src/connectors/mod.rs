@@ -6,6 +6,7 @@ pub mod amocrm;
 pub mod avito;
 pub mod kaspi;
 pub mod partner;
+pub mod throttle;
 
 /// The text of a transport error without its request URL: a URL's query can
 /// carry a buyer's phone (a contact search) or other personal data, and this

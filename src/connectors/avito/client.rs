@@ -103,6 +103,8 @@ struct Inner {
     limiters: AvitoLimiters,
     token: tokio::sync::Mutex<Option<CachedToken>>,
     user_id: tokio::sync::OnceCell<u64>,
+    /// The account's pause after 429s, shared by its poller and its actions.
+    throttle: crate::connectors::throttle::Throttle,
 }
 
 struct Answer {
@@ -125,6 +127,7 @@ impl AvitoClient {
                 limiters,
                 token: tokio::sync::Mutex::new(None),
                 user_id: tokio::sync::OnceCell::new(),
+                throttle: Default::default(),
             }),
         })
     }
@@ -199,12 +202,18 @@ impl AvitoClient {
         request: reqwest::RequestBuilder,
         endpoint: Endpoint,
     ) -> Result<Answer, AvitoError> {
-        if let Some(global) = &self.inner.limiters.global {
-            global.until_ready().await;
-        }
-        if let Some(limiter) = self.inner.limiters.for_endpoint(endpoint) {
-            limiter.until_ready().await;
-        }
+        let admitted = loop {
+            let admitted = self.inner.throttle.admit().await;
+            if let Some(global) = &self.inner.limiters.global {
+                global.until_ready().await;
+            }
+            if let Some(limiter) = self.inner.limiters.for_endpoint(endpoint) {
+                limiter.until_ready().await;
+            }
+            if admitted.still_clear() {
+                break admitted;
+            }
+        };
         let response = request.send().await.map_err(|e| self.transport(e))?;
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
@@ -230,11 +239,15 @@ impl AvitoClient {
             "status" => status.as_u16().to_string())
         .increment(1);
         if status == StatusCode::TOO_MANY_REQUESTS {
+            let pause = admitted.rate_limited(retry_after.map(Duration::from_secs));
+            tracing::warn!(account = %self.account(), pause_ms = pause.as_millis() as u64,
+                "Avito rate-limited the account; every request to it pauses.");
             return Err(AvitoError::RateLimited {
                 endpoint: endpoint.as_str(),
                 retry_after: retry_after.map(Duration::from_secs),
             });
         }
+        admitted.answered();
         Ok(Answer { status, body })
     }
 

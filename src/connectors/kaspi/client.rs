@@ -117,6 +117,8 @@ pub struct KaspiClient {
     shop: Arc<KaspiShop>,
     http: reqwest::Client,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// The shop's pause after 429s, shared by its poller and its actions.
+    throttle: crate::connectors::throttle::Throttle,
 }
 
 struct Answer {
@@ -160,6 +162,7 @@ impl KaspiClient {
             shop: Arc::new(shop),
             http,
             limiter,
+            throttle: Default::default(),
         })
     }
 
@@ -179,9 +182,15 @@ impl KaspiClient {
         body: Option<&Value>,
         extra: &[(&'static str, String)],
     ) -> Result<Answer, KaspiError> {
-        if let Some(limiter) = &self.limiter {
-            limiter.until_ready().await;
-        }
+        let admitted = loop {
+            let admitted = self.throttle.admit().await;
+            if let Some(limiter) = &self.limiter {
+                limiter.until_ready().await;
+            }
+            if admitted.still_clear() {
+                break admitted;
+            }
+        };
         let mut request = self.http.request(method, self.url(path)).query(query);
         for (name, value) in extra {
             request = request.header(*name, value.as_str());
@@ -192,6 +201,19 @@ impl KaspiClient {
         let started = Instant::now();
         let response = request.send().await.map_err(|e| self.transport(e))?;
         let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let pause = admitted.rate_limited(retry_after);
+            tracing::warn!(shop = %self.shop.name, path, pause_ms = pause.as_millis() as u64,
+                "Kaspi answered 429 Too Many Requests; every request of the shop pauses.");
+        } else {
+            admitted.answered();
+        }
         let html = response
             .headers()
             .get(CONTENT_TYPE)
