@@ -828,3 +828,107 @@ async fn the_daemon_recovers_by_itself_from_its_database_connections_being_kille
     let World { db, .. } = w;
     db.drop_now().await.unwrap();
 }
+
+/// A manager's move whose webhook was lost is heard later, through the events
+/// poll, after the webhook of a field update the bridge made a second later
+/// (the order's total changed at Kaspi). The bridge's own later update used
+/// to make the manager's earlier move "stale": no accept reached Kaspi, and
+/// the lead sat in the manager's stage with its action never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managers_move_heard_late_behind_the_bridges_own_field_update_still_reaches_kaspi() {
+    let w = world().await;
+    // The bridge knows its own user: its updates are told apart by author.
+    let account: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/api/v4/account", w.amo.base_url()))
+        .bearer_auth(AMO_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let port = free_port();
+    let (stop, task) = w.start(&Daemon {
+        port,
+        public_url: true,
+        merchant_uid: "replica-a",
+        api_user_id: account["current_user_id"].as_u64(),
+    });
+    let destination = format!("http://127.0.0.1:{port}/hooks/amocrm/{HOOK_SECRET}");
+    wait_for(
+        "the daemon subscribed its webhook",
+        Duration::from_secs(20),
+        || async {
+            w.amo
+                .webhooks()
+                .iter()
+                .any(|h| h.destination == destination && !h.disabled)
+        },
+    )
+    .await;
+    let order = w.kaspi.create_order(SimOrderSpec::new(
+        "760001",
+        chrono::Utc::now().timestamp_millis() - 60_000,
+    ));
+    let lead = w.the_lead().await;
+    let (pipeline, working) = w.stage("В работе / Сборка").await;
+    let settled = || async {
+        count(&w.db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+            && count(
+                &w.db.pool,
+                "SELECT count(*) FROM inbox WHERE processed_at IS NULL",
+            )
+            .await
+                == 0
+    };
+    wait_for("the lead settled", Duration::from_secs(30), settled).await;
+
+    // The events poll's next reading waits at amoCRM.
+    let mut events = w.amo.hold_next("GET", "/api/v4/events", "filter[type]");
+    assert!(
+        events.reached(Duration::from_secs(10)).await,
+        "the events poll reads"
+    );
+    // The manager accepts; the webhook of that move is lost.
+    w.amo.set_webhook_disabled(&destination, true);
+    w.amo
+        .manager_moves_lead(lead.id, pipeline, working, w.manager);
+    w.amo.set_webhook_disabled(&destination, false);
+    // A second later the order's total changes at Kaspi: the bridge writes the
+    // lead's price, and that update's webhook arrives.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    w.kaspi
+        .set_field(&order.id, "totalPrice", serde_json::json!(54321.0));
+    wait_for(
+        "the bridge's update of the lead, heard back",
+        Duration::from_secs(30),
+        || async {
+            w.amo.lead(lead.id).is_some_and(|l| l.price == 54321)
+                && count(
+                    &w.db.pool,
+                    "SELECT count(*) FROM inbox WHERE kind = 'lead_update' AND processed_at IS NOT NULL
+                       AND payload->'fields'->>'price' = '54321'",
+                )
+                .await
+                    >= 1
+                && settled().await
+        },
+    )
+    .await;
+    assert_ne!(
+        w.kaspi.order(&order.id).unwrap().status,
+        "ACCEPTED_BY_MERCHANT",
+        "the move is not heard yet"
+    );
+    // Now the events poll brings the manager's move.
+    events.release();
+    wait_for("Kaspi accepted", Duration::from_secs(30), || async {
+        w.kaspi.order(&order.id).unwrap().status == "ACCEPTED_BY_MERCHANT"
+    })
+    .await;
+    assert_eq!(w.status_of(lead.id), working, "the lead stays accepted");
+    stop.cancel();
+    task.await.unwrap();
+    let World { db, .. } = w;
+    db.drop_now().await.unwrap();
+}

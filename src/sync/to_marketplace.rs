@@ -214,7 +214,11 @@ async fn judge(
         )
         .await?
         || by_bridge == Some(true);
-    if let Some(at) = changed_at {
+    // Only a stage change makes earlier ones stale. An update of the lead's
+    // fields (the bridge's own, whose webhook came first) says nothing about
+    // its stage: a manager's earlier move heard after it (through the events
+    // poll, its webhook lost) is still the lead's last move.
+    if let Some(at) = changed_at.filter(|_| row.kind == "lead_status") {
         links::set_crm_changed_at(tx, link.order_id, at).await?;
     }
     if echo {
