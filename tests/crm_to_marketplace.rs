@@ -932,3 +932,115 @@ async fn a_managers_move_heard_late_behind_the_bridges_own_field_update_still_re
     let World { db, .. } = w;
     db.drop_now().await.unwrap();
 }
+
+/// Found by `prove crash --replicas 3` (one manager's move never reached its
+/// marketplace and its lead went back to «Новая заявка»): the daemon died after
+/// creating a lead and before storing its link; a manager moved the lead
+/// meanwhile, and that change was set aside (no order linked to the lead);
+/// the creation's retry found the lead by its code and moved it back to the
+/// order's stage. Now the set-aside change is judged once the lead is linked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managers_move_made_before_a_crashed_creation_linked_its_lead_still_reaches_kaspi() {
+    let w = world().await;
+    let port = free_port();
+    let (stop, task) = w.start(&Daemon {
+        port,
+        public_url: true,
+        merchant_uid: "replica-a",
+        api_user_id: None,
+    });
+    let destination = format!("http://127.0.0.1:{port}/hooks/amocrm/{HOOK_SECRET}");
+    wait_for(
+        "the daemon subscribed its webhook",
+        Duration::from_secs(20),
+        || async {
+            w.amo
+                .webhooks()
+                .iter()
+                .any(|h| h.destination == destination && !h.disabled)
+        },
+    )
+    .await;
+    let order = w.kaspi.create_order(SimOrderSpec::new(
+        "770001",
+        chrono::Utc::now().timestamp_millis() - 60_000,
+    ));
+    let lead = w.the_lead().await;
+    let settled = || async {
+        count(&w.db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+            && count(
+                &w.db.pool,
+                "SELECT count(*) FROM inbox WHERE processed_at IS NULL",
+            )
+            .await
+                == 0
+    };
+    wait_for("the lead settled", Duration::from_secs(30), settled).await;
+    // As if the daemon had died between creating the lead and linking it.
+    let (order_id, external_id): (i64, String) = sqlx::query_as(
+        "SELECT o.id, o.external_id FROM orders o JOIN crm_links l ON l.order_id = o.id",
+    )
+    .fetch_one(&w.db.pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM crm_links WHERE order_id = $1")
+        .bind(order_id)
+        .execute(&w.db.pool)
+        .await
+        .unwrap();
+    // A manager accepts meanwhile: the change is set aside.
+    let (pipeline, working) = w.stage("В работе / Сборка").await;
+    w.amo
+        .manager_moves_lead(lead.id, pipeline, working, w.manager);
+    let set_aside = format!("ignored: lead {} is not linked to any order", lead.id);
+    wait_for("the change set aside", Duration::from_secs(30), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE outcome = $1")
+            .bind(&set_aside)
+            .fetch_one(&w.db.pool)
+            .await
+            .unwrap();
+        n >= 1 && settled().await
+    })
+    .await;
+    // The creation's retry (a job whose earlier attempt died looks first).
+    let mut retry = orderbridge::sync::ingest::crm_sync_job_of(
+        &orderbridge::sync::ingest::OrderRef {
+            marketplace: "kaspi",
+            account: "kaspi_main",
+            external_id: &external_id,
+            code: "770001",
+        },
+        order_id,
+        "amocrm:main",
+    );
+    retry.payload["recover"] = true.into();
+    {
+        let mut conn = w.db.pool.acquire().await.unwrap();
+        orderbridge::store::outbox::enqueue(&mut conn, &retry)
+            .await
+            .unwrap();
+    }
+    wait_for("Kaspi accepted", Duration::from_secs(30), || async {
+        w.kaspi.order(&order.id).unwrap().status == "ACCEPTED_BY_MERCHANT"
+    })
+    .await;
+    wait_for("settled again", Duration::from_secs(30), settled).await;
+    assert_eq!(w.status_of(lead.id), working, "the manager's stage stands");
+    let moved_back = w
+        .amo
+        .stage_changes()
+        .into_iter()
+        .filter(|(id, from, _, _)| *id == lead.id && *from == working)
+        .count();
+    assert_eq!(moved_back, 0, "the lead never left the manager's stage");
+    assert_eq!(
+        count(&w.db.pool, "SELECT count(*) FROM crm_links").await,
+        1,
+        "linked once"
+    );
+    assert_eq!(w.amo.leads().len(), 1, "no second lead");
+    stop.cancel();
+    task.await.unwrap();
+    let World { db, .. } = w;
+    db.drop_now().await.unwrap();
+}

@@ -533,3 +533,129 @@ token = "kaspi-test-token"
     drop(_second);
     drop_database(&name).await;
 }
+
+/// The processes whose parent is `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces, so read after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            children.push(child);
+        }
+    }
+    children
+}
+
+/// Whether the process is gone (or a zombie nobody reaped yet).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+async fn prove_databases() -> Vec<String> {
+    let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
+    let names = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'orderbridge\\_prove\\_%'",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    names
+}
+
+/// A proof suite stopped from outside (SIGTERM, or Ctrl-C) stops its daemon
+/// children and drops its scratch database, as a finished run does; before,
+/// both were left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_suite_stopped_by_sigterm_leaves_no_daemon_and_no_database_behind() {
+    let before = prove_databases().await;
+    let mut suite = Daemon(
+        orderbridge(
+            &["prove", "crash", "--kills", "50", "--rate", "2"],
+            &admin_url(),
+        )
+        .env("RUST_LOG", "error")
+        .spawn()
+        .unwrap(),
+    );
+    let pid = suite.0.id();
+    let started = Instant::now();
+    let daemons = loop {
+        let daemons = children_of(pid);
+        if !daemons.is_empty() {
+            break daemons;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the suite started no daemon"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let ours: Vec<String> = prove_databases()
+        .await
+        .into_iter()
+        .filter(|name| !before.contains(name))
+        .collect();
+    assert_eq!(ours.len(), 1, "the suite's scratch database: {ours:?}");
+    let mut daemons = daemons;
+    daemons.extend(children_of(pid));
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = loop {
+        if let Some(status) = suite.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        !status.success(),
+        "a stopped suite proves nothing: {status:?}"
+    );
+    let mut output = String::new();
+    use std::io::Read;
+    suite
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut output)
+        .unwrap();
+    assert!(output.contains("stopped by SIGTERM"), "{output}");
+    for daemon in daemons {
+        let waited = Instant::now();
+        while !gone(daemon) {
+            assert!(
+                waited.elapsed() < Duration::from_secs(5),
+                "daemon {daemon} still runs after its suite stopped"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(
+        !prove_databases().await.contains(&ours[0]),
+        "{} was left behind",
+        ours[0]
+    );
+}

@@ -41,7 +41,14 @@ pub(crate) async fn in_scratch_database(
     let db = crate::store::ScratchDatabase::create(&admin, "orderbridge_prove", 16)
         .await
         .map_err(crate::bench::BenchError::from)?;
-    let result = suite(&admin, &db).await;
+    // Stopped from outside (Ctrl-C, SIGTERM): the suite is dropped, which
+    // stops its daemons, and its database goes too, as after a finished run.
+    let result = tokio::select! {
+        result = suite(&admin, &db) => result,
+        signal = stop_signal() => Err(crate::bench::failed(format!(
+            "stopped by {signal}: its daemons were stopped and its scratch database dropped"
+        ))),
+    };
     db.drop_now()
         .await
         .map_err(crate::bench::BenchError::from)?;
@@ -62,5 +69,31 @@ pub(crate) fn report(
         Ok(())
     } else {
         Err(ProveError::Broken(broken.join("; ")))
+    }
+}
+
+/// Waits for SIGINT or SIGTERM; names the one that came. A signal that
+/// cannot be listened for never comes.
+async fn stop_signal() -> &'static str {
+    async fn interrupted() -> &'static str {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => "SIGINT",
+            Err(_) => std::future::pending().await,
+        }
+    }
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                Some(()) = term.recv() => "SIGTERM",
+                name = interrupted() => name,
+            },
+            Err(_) => interrupted().await,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        interrupted().await
     }
 }

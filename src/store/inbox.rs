@@ -105,6 +105,40 @@ pub async fn claim_unprocessed(
 }
 
 /// Marks an item processed.
+/// Whether changes of a lead were judged with `outcome` (set aside as of a
+/// lead no order was linked to) within the last day.
+pub async fn has_outcome(pool: &PgPool, account: &str, outcome: &str) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM inbox
+                         WHERE source = 'amocrm' AND account = $1 AND outcome = $2
+                           AND received_at > now() - interval '1 day')",
+    )
+    .bind(account)
+    .bind(outcome)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Makes the changes judged with `outcome` within the last day unprocessed
+/// again, to be judged anew (the lead they were set aside for is linked now);
+/// returns how many.
+pub async fn reopen_with_outcome(
+    conn: &mut sqlx::PgConnection,
+    account: &str,
+    outcome: &str,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "UPDATE inbox SET processed_at = NULL, outcome = NULL
+          WHERE source = 'amocrm' AND account = $1 AND outcome = $2
+            AND received_at > now() - interval '1 day'",
+    )
+    .bind(account)
+    .bind(outcome)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 pub async fn mark_processed(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     id: i64,

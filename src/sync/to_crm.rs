@@ -25,7 +25,7 @@ use crate::mapping::{MapRegistry, Route, RoutingMap};
 use crate::outbox::{Handler, JobContext, RetryAction};
 use crate::sla::SlaPolicy;
 use crate::store::links::{self, Link};
-use crate::store::{orders, timeline, StoreError};
+use crate::store::{inbox, orders, timeline, StoreError};
 use crate::sync::contact_index;
 use crate::sync::crm_writer::{CrmWriter, WriteError};
 
@@ -603,7 +603,22 @@ impl CrmSyncHandler {
                     &format!("lead {} found again by the order code and linked", lead.id),
                 )
                 .await;
-                if (lead.pipeline_id, lead.status_id) != (pipeline_id, status_id) {
+                // A manager may have moved the lead while it was not linked:
+                // those changes were set aside, and are judged once it is.
+                let set_aside = crate::sync::to_marketplace::unlinked_outcome(lead.id as i64);
+                let moved_while_unlinked =
+                    inbox::has_outcome(&self.pool, to.crm_account, &set_aside).await?;
+                if moved_while_unlinked {
+                    tracing::info!(order = %order.code, lead_id = lead.id,
+                        "The lead changed while it was not linked; those changes are judged now (a manager's move is kept).");
+                    timeline::record(
+                        &self.pool,
+                        to.order_id,
+                        "lead_found",
+                        "changes made while the lead was not linked are judged again",
+                    )
+                    .await;
+                } else if (lead.pipeline_id, lead.status_id) != (pipeline_id, status_id) {
                     // Brought to the order's current stage before it is linked.
                     links::record_push(
                         &self.pool,
@@ -635,7 +650,9 @@ impl CrmSyncHandler {
                     )
                     .await?;
                 }
-                return self.link(to, order, lead.id, contact_id).await;
+                return self
+                    .link(to, order, lead.id, contact_id, Some(&set_aside))
+                    .await;
             }
         }
         // One customer, one contact: the same phone (or, without one, the
@@ -761,7 +778,8 @@ impl CrmSyncHandler {
             )
             .await?;
         }
-        self.link(to, order, created.lead_id, contact_id).await?;
+        self.link(to, order, created.lead_id, contact_id, None)
+            .await?;
         self.entered(
             to.order_id,
             to.crm_account,
@@ -880,10 +898,12 @@ impl CrmSyncHandler {
         order: &Order,
         lead_id: u64,
         contact_id: Option<u64>,
+        reopen_set_aside: Option<&str>,
     ) -> Result<(), ToCrmError> {
         let (pipeline_id, status_id) = to.stage;
-        links::insert(
-            &self.pool,
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        links::insert_in(
+            &mut tx,
             &Link {
                 order_id: to.order_id,
                 crm_account: to.crm_account.to_string(),
@@ -895,6 +915,15 @@ impl CrmSyncHandler {
             },
         )
         .await?;
+        // In the link's transaction: judged again only once the link is there.
+        if let Some(outcome) = reopen_set_aside {
+            let reopened = inbox::reopen_with_outcome(&mut tx, to.crm_account, outcome).await?;
+            if reopened > 0 {
+                tracing::info!(order = %order.code, lead_id, changes = reopened,
+                    "Changes of the lead set aside while it was not linked go back to the inbox.");
+            }
+        }
+        tx.commit().await.map_err(StoreError::from)?;
         links::set_pushed_content(
             &self.pool,
             to.order_id,

@@ -130,6 +130,18 @@ impl Judged {
     }
 }
 
+/// Why a change of a lead no order is linked to is set aside. A lead the
+/// bridge created and then died before linking is linked by the retry, which
+/// has such changes (a manager's move meanwhile) judged again.
+fn unlinked_reason(lead_id: i64) -> String {
+    format!("lead {lead_id} is not linked to any order")
+}
+
+/// The inbox outcome of a change set aside by [`unlinked_reason`].
+pub fn unlinked_outcome(lead_id: i64) -> String {
+    Judged::Ignored(unlinked_reason(lead_id)).outcome()
+}
+
 async fn judge(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     pool: &PgPool,
@@ -157,9 +169,7 @@ async fn judge(
             });
         }
         tracing::debug!(crm_account = %row.account, lead_id, "A change of a lead the bridge does not know; ignored.");
-        return Ok(Judged::Ignored(format!(
-            "lead {lead_id} is not linked to any order"
-        )));
+        return Ok(Judged::Ignored(unlinked_reason(lead_id)));
     };
     if maps.current().shops.get(&shop).is_some_and(|m| !m.online) {
         // The map cannot tell stages apart yet: judged once it resolves.
