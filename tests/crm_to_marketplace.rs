@@ -167,6 +167,59 @@ merchant_uid = "{uid}"
         self.amo.leads().remove(0)
     }
 
+    /// Starts a daemon with a public URL and waits until amoCRM has its
+    /// webhook, enabled; returns its stop token, task and the destination.
+    async fn start_subscribed(
+        &self,
+        api_user_id: Option<u64>,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>, String) {
+        let port = free_port();
+        let (stop, task) = self.start(&Daemon {
+            port,
+            public_url: true,
+            merchant_uid: "replica-a",
+            api_user_id,
+        });
+        let destination = format!("http://127.0.0.1:{port}/hooks/amocrm/{HOOK_SECRET}");
+        wait_for(
+            "the daemon subscribed its webhook",
+            Duration::from_secs(20),
+            || async {
+                self.amo
+                    .webhooks()
+                    .iter()
+                    .any(|h| h.destination == destination && !h.disabled)
+            },
+        )
+        .await;
+        (stop, task, destination)
+    }
+
+    /// No job open and no amoCRM change waiting to be judged.
+    async fn settled(&self) -> bool {
+        count(&self.db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
+            && count(
+                &self.db.pool,
+                "SELECT count(*) FROM inbox WHERE processed_at IS NULL",
+            )
+            .await
+                == 0
+    }
+
+    /// The user the bridge's token acts as, as amoCRM reports it.
+    async fn bridge_user(&self) -> u64 {
+        let account: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/api/v4/account", self.amo.base_url()))
+            .bearer_auth(AMO_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        account["current_user_id"].as_u64().unwrap()
+    }
+
     fn status_of(&self, lead_id: u64) -> u64 {
         self.amo.lead(lead_id).unwrap().status_id
     }
@@ -634,17 +687,7 @@ async fn outcome_of(pool: &sqlx::PgPool, key: &str) -> Option<String> {
 async fn echoes_late_twice_out_of_order_or_racing_the_patch_never_act_and_a_managers_move_always_does(
 ) {
     let w = world().await;
-    // The user the bridge's token acts as, as amoCRM reports it.
-    let account: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/api/v4/account", w.amo.base_url()))
-        .bearer_auth(AMO_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let api_user = account["current_user_id"].as_u64().unwrap();
+    let api_user = w.bridge_user().await;
     let (stop, task) = w.start(&Daemon {
         port: free_port(),
         public_url: false,
@@ -838,50 +881,14 @@ async fn the_daemon_recovers_by_itself_from_its_database_connections_being_kille
 async fn a_managers_move_heard_late_behind_the_bridges_own_field_update_still_reaches_kaspi() {
     let w = world().await;
     // The bridge knows its own user: its updates are told apart by author.
-    let account: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/api/v4/account", w.amo.base_url()))
-        .bearer_auth(AMO_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let port = free_port();
-    let (stop, task) = w.start(&Daemon {
-        port,
-        public_url: true,
-        merchant_uid: "replica-a",
-        api_user_id: account["current_user_id"].as_u64(),
-    });
-    let destination = format!("http://127.0.0.1:{port}/hooks/amocrm/{HOOK_SECRET}");
-    wait_for(
-        "the daemon subscribed its webhook",
-        Duration::from_secs(20),
-        || async {
-            w.amo
-                .webhooks()
-                .iter()
-                .any(|h| h.destination == destination && !h.disabled)
-        },
-    )
-    .await;
+    let (stop, task, destination) = w.start_subscribed(Some(w.bridge_user().await)).await;
     let order = w.kaspi.create_order(SimOrderSpec::new(
         "760001",
         chrono::Utc::now().timestamp_millis() - 60_000,
     ));
     let lead = w.the_lead().await;
     let (pipeline, working) = w.stage("В работе / Сборка").await;
-    let settled = || async {
-        count(&w.db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
-            && count(
-                &w.db.pool,
-                "SELECT count(*) FROM inbox WHERE processed_at IS NULL",
-            )
-            .await
-                == 0
-    };
-    wait_for("the lead settled", Duration::from_secs(30), settled).await;
+    wait_for("the lead settled", Duration::from_secs(30), || w.settled()).await;
 
     // The events poll's next reading waits at amoCRM.
     let mut events = w.amo.hold_next("GET", "/api/v4/events", "filter[type]");
@@ -911,7 +918,7 @@ async fn a_managers_move_heard_late_behind_the_bridges_own_field_update_still_re
                 )
                 .await
                     >= 1
-                && settled().await
+                && w.settled().await
         },
     )
     .await;
@@ -942,47 +949,18 @@ async fn a_managers_move_heard_late_behind_the_bridges_own_field_update_still_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managers_move_made_before_a_crashed_creation_linked_its_lead_still_reaches_kaspi() {
     let w = world().await;
-    let port = free_port();
-    let (stop, task) = w.start(&Daemon {
-        port,
-        public_url: true,
-        merchant_uid: "replica-a",
-        api_user_id: None,
-    });
-    let destination = format!("http://127.0.0.1:{port}/hooks/amocrm/{HOOK_SECRET}");
-    wait_for(
-        "the daemon subscribed its webhook",
-        Duration::from_secs(20),
-        || async {
-            w.amo
-                .webhooks()
-                .iter()
-                .any(|h| h.destination == destination && !h.disabled)
-        },
-    )
-    .await;
+    let (stop, task, _) = w.start_subscribed(None).await;
     let order = w.kaspi.create_order(SimOrderSpec::new(
         "770001",
         chrono::Utc::now().timestamp_millis() - 60_000,
     ));
     let lead = w.the_lead().await;
-    let settled = || async {
-        count(&w.db.pool, "SELECT count(*) FROM outbox_jobs").await == 0
-            && count(
-                &w.db.pool,
-                "SELECT count(*) FROM inbox WHERE processed_at IS NULL",
-            )
-            .await
-                == 0
-    };
-    wait_for("the lead settled", Duration::from_secs(30), settled).await;
+    wait_for("the lead settled", Duration::from_secs(30), || w.settled()).await;
     // As if the daemon had died between creating the lead and linking it.
-    let (order_id, external_id): (i64, String) = sqlx::query_as(
-        "SELECT o.id, o.external_id FROM orders o JOIN crm_links l ON l.order_id = o.id",
-    )
-    .fetch_one(&w.db.pool)
-    .await
-    .unwrap();
+    let order_id: i64 = sqlx::query_scalar("SELECT order_id FROM crm_links")
+        .fetch_one(&w.db.pool)
+        .await
+        .unwrap();
     sqlx::query("DELETE FROM crm_links WHERE order_id = $1")
         .bind(order_id)
         .execute(&w.db.pool)
@@ -999,32 +977,16 @@ async fn a_managers_move_made_before_a_crashed_creation_linked_its_lead_still_re
             .fetch_one(&w.db.pool)
             .await
             .unwrap();
-        n >= 1 && settled().await
+        n >= 1 && w.settled().await
     })
     .await;
     // The creation's retry (a job whose earlier attempt died looks first).
-    let mut retry = orderbridge::sync::ingest::crm_sync_job_of(
-        &orderbridge::sync::ingest::OrderRef {
-            marketplace: "kaspi",
-            account: "kaspi_main",
-            external_id: &external_id,
-            code: "770001",
-        },
-        order_id,
-        "amocrm:main",
-    );
-    retry.payload["recover"] = true.into();
-    {
-        let mut conn = w.db.pool.acquire().await.unwrap();
-        orderbridge::store::outbox::enqueue(&mut conn, &retry)
-            .await
-            .unwrap();
-    }
+    enqueue_kaspi_crm_sync(&w.db.pool, order_id, serde_json::json!({"recover": true})).await;
     wait_for("Kaspi accepted", Duration::from_secs(30), || async {
         w.kaspi.order(&order.id).unwrap().status == "ACCEPTED_BY_MERCHANT"
     })
     .await;
-    wait_for("settled again", Duration::from_secs(30), settled).await;
+    wait_for("settled again", Duration::from_secs(30), || w.settled()).await;
     assert_eq!(w.status_of(lead.id), working, "the manager's stage stands");
     let moved_back = w
         .amo

@@ -418,18 +418,7 @@ async fn order_show_tells_a_retried_job_and_a_managers_action_step_by_step() {
     let w = world().await;
     let manager = w.amo.seed_user("Менеджер смены");
     let now = chrono::Utc::now().timestamp_millis();
-    let (stop, task) = w.start_daemon();
-    let readyz = format!("http://{}/readyz", w.settings.http.listen);
-    wait_for(
-        "the daemon ready (maps resolved)",
-        Duration::from_secs(30),
-        || async {
-            reqwest::get(&readyz)
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        },
-    )
-    .await;
+    let (stop, task) = w.start_ready_daemon().await;
     // The first lead creation meets a 500 and is retried.
     w.amo.inject_on(
         "/api/v4/leads/complex",
@@ -773,32 +762,13 @@ async fn a_stage_repair_judged_before_a_managers_move_does_not_undo_it() {
     // A stage with no marketplace action: the order stays new at Kaspi.
     let delivering = w.stage_id("В доставке");
     let order_id = w.order_id("75000002").await;
-    let external_id: String = sqlx::query_scalar("SELECT external_id FROM orders WHERE id = $1")
-        .bind(order_id)
-        .fetch_one(&w.db.pool)
-        .await
-        .unwrap();
     // The job the reconciliation queues for a lead it found in another stage.
     let enqueue = |judged_at: chrono::DateTime<chrono::Utc>| {
-        let mut job = orderbridge::sync::ingest::crm_sync_job_of(
-            &orderbridge::sync::ingest::OrderRef {
-                marketplace: "kaspi",
-                account: "kaspi_main",
-                external_id: &external_id,
-                code: "75000002",
-            },
+        enqueue_kaspi_crm_sync(
+            &w.db.pool,
             order_id,
-            "amocrm:main",
-        );
-        job.payload["force_stage"] = true.into();
-        job.payload["judged_at"] = judged_at.to_rfc3339().into();
-        let pool = w.db.pool.clone();
-        async move {
-            let mut conn = pool.acquire().await.unwrap();
-            orderbridge::store::outbox::enqueue(&mut conn, &job)
-                .await
-                .unwrap();
-        }
+            serde_json::json!({"force_stage": true, "judged_at": judged_at.to_rfc3339()}),
+        )
     };
 
     let judged_before = orderbridge::store::links::database_now(&w.db.pool)

@@ -644,6 +644,14 @@ impl World {
         let backward_moves = backward.len();
         if !backward.is_empty() {
             eprintln!("prove: leads moved backwards: {}", backward.join("; "));
+            let mut explained = std::collections::BTreeSet::new();
+            for (lead, before, after, by) in self.amo.stage_changes() {
+                let backwards = by != self.manager
+                    && matches!((position.get(&before), position.get(&after)), (Some(b), Some(a)) if a < b);
+                if backwards && explained.insert(lead) {
+                    self.explain_backward(lead, &name).await?;
+                }
+            }
         }
         let marketplace_side_changes = self
             .amo
@@ -750,6 +758,46 @@ impl World {
             return Ok(());
         };
         eprintln!("prove: move of order {code} (lead {lead_id}) never reached its marketplace:");
+        self.explain(lead_id, order_id, &ordering).await
+    }
+
+    /// What the database and amoCRM know of a lead the integration moved to
+    /// an earlier stage: every stage change of the lead, then as
+    /// [`World::explain_unapplied`].
+    async fn explain_backward(
+        &self,
+        lead_id: u64,
+        name: &impl Fn(&u64) -> String,
+    ) -> Result<(), BenchError> {
+        let order: Option<(i64, String, String)> = sqlx::query_as(
+            "SELECT o.id, o.marketplace || ':' || o.account || ':' || o.external_id, o.code
+             FROM orders o JOIN crm_links l ON l.order_id = o.id WHERE l.lead_id = $1",
+        )
+        .bind(lead_id as i64)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(failed)?;
+        let Some((order_id, ordering, code)) = order else {
+            eprintln!("prove: lead {lead_id} moved backwards; no link stored");
+            return Ok(());
+        };
+        eprintln!("prove: lead {lead_id} (order {code}) moved backwards; its stage changes:");
+        for (lead, before, after, by) in self.amo.stage_changes() {
+            if lead == lead_id {
+                let who = if by == self.manager {
+                    "manager"
+                } else {
+                    "bridge"
+                };
+                eprintln!("prove:   {} → {} by {who}", name(&before), name(&after));
+            }
+        }
+        self.explain(lead_id as i64, order_id, &ordering).await
+    }
+
+    /// The order's timeline, the CRM changes of its lead as judged, and its
+    /// jobs' attempts.
+    async fn explain(&self, lead_id: i64, order_id: i64, ordering: &str) -> Result<(), BenchError> {
         let events: Vec<(String, String, String)> = sqlx::query_as(
             "SELECT to_char(at, 'HH24:MI:SS.MS'), kind, detail FROM order_events
              WHERE order_id = $1 ORDER BY at",

@@ -224,11 +224,14 @@ async fn judge(
         )
         .await?
         || by_bridge == Some(true);
-    // Only a stage change makes earlier ones stale. An update of the lead's
-    // fields (the bridge's own, whose webhook came first) says nothing about
-    // its stage: a manager's earlier move heard after it (through the events
-    // poll, its webhook lost) is still the lead's last move.
-    if let Some(at) = changed_at.filter(|_| row.kind == "lead_status") {
+    // A change makes earlier ones stale, except an update of the lead's
+    // fields known (by its author) to be the bridge's own: that says nothing
+    // about the stage, and a manager's earlier move heard after it (through
+    // the events poll, its webhook lost) is still the lead's last move. Where
+    // the author is unknown, an update item is what keeps an echo's late
+    // twin (its push record taken by the update) from counting as a move.
+    let bridges_own_update = row.kind == "lead_update" && by_bridge == Some(true);
+    if let Some(at) = changed_at.filter(|_| !bridges_own_update) {
         links::set_crm_changed_at(tx, link.order_id, at).await?;
     }
     if echo {

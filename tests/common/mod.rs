@@ -317,3 +317,32 @@ pub fn seed_crm_from_map(
 pub fn seed_crm_from_maps(sim: &orderbridge::sim::amocrm::AmoSim, paths: &[&std::path::Path]) {
     orderbridge::demo::seed_crm_from_maps(sim, paths).unwrap();
 }
+
+/// Queues the CRM sync of a stored order of the Kaspi shop `kaspi_main`
+/// (CRM account `main`) with `flags` set in its payload, as a reconciliation's
+/// repair or a creation's retry queues it.
+pub async fn enqueue_kaspi_crm_sync(pool: &PgPool, order_id: i64, flags: serde_json::Value) {
+    let (external_id, code): (String, String) =
+        sqlx::query_as("SELECT external_id, code FROM orders WHERE id = $1")
+            .bind(order_id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let mut job = orderbridge::sync::ingest::crm_sync_job_of(
+        &orderbridge::sync::ingest::OrderRef {
+            marketplace: "kaspi",
+            account: "kaspi_main",
+            external_id: &external_id,
+            code: &code,
+        },
+        order_id,
+        "amocrm:main",
+    );
+    if let (Some(payload), Some(extra)) = (job.payload.as_object_mut(), flags.as_object()) {
+        payload.extend(extra.clone());
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    orderbridge::store::outbox::enqueue(&mut conn, &job)
+        .await
+        .unwrap();
+}
