@@ -1006,3 +1006,76 @@ async fn a_managers_move_made_before_a_crashed_creation_linked_its_lead_still_re
     let World { db, .. } = w;
     db.drop_now().await.unwrap();
 }
+
+/// The other side of the test above: a set-aside change that reports a stage
+/// the bridge itself set (an earlier attempt moved the lead and its answer
+/// was lost) is not a manager's move. The retry brings the lead to the
+/// order's stage, and nothing reaches Kaspi.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridges_own_move_of_a_lead_not_yet_linked_is_not_taken_for_a_managers() {
+    let w = world().await;
+    let (stop, task, _) = w.start_subscribed(None).await;
+    let order = w.kaspi.create_order(SimOrderSpec::new(
+        "780001",
+        chrono::Utc::now().timestamp_millis() - 60_000,
+    ));
+    let lead = w.the_lead().await;
+    wait_for("the lead settled", Duration::from_secs(30), || w.settled()).await;
+    let order_id: i64 = sqlx::query_scalar("SELECT order_id FROM crm_links")
+        .fetch_one(&w.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM crm_links WHERE order_id = $1")
+        .bind(order_id)
+        .execute(&w.db.pool)
+        .await
+        .unwrap();
+    // An earlier attempt of the bridge moved the lead (its push recorded
+    // first, as always) and died with the answer.
+    let (pipeline, working) = w.stage("В работе / Сборка").await;
+    orderbridge::store::links::record_push(
+        &w.db.pool,
+        "main",
+        lead.id as i64,
+        pipeline as i64,
+        working as i64,
+    )
+    .await
+    .unwrap();
+    let moved = reqwest::Client::new()
+        .patch(format!("{}/api/v4/leads", w.amo.base_url()))
+        .bearer_auth(AMO_TOKEN)
+        .json(&serde_json::json!([{"id": lead.id, "pipeline_id": pipeline, "status_id": working}]))
+        .send()
+        .await
+        .unwrap();
+    assert!(moved.status().is_success(), "{}", moved.status());
+    let set_aside = format!("ignored: lead {} is not linked to any order", lead.id);
+    wait_for("the change set aside", Duration::from_secs(30), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE outcome = $1")
+            .bind(&set_aside)
+            .fetch_one(&w.db.pool)
+            .await
+            .unwrap();
+        n >= 1 && w.settled().await
+    })
+    .await;
+    enqueue_kaspi_crm_sync(&w.db.pool, order_id, serde_json::json!({"recover": true})).await;
+    let (_, new) = w.stage("Новая заявка").await;
+    wait_for(
+        "the lead back in the order's stage, linked",
+        Duration::from_secs(30),
+        || async {
+            w.status_of(lead.id) == new
+                && count(&w.db.pool, "SELECT count(*) FROM crm_links").await == 1
+                && w.settled().await
+        },
+    )
+    .await;
+    assert_eq!(w.kaspi_posts(), 0, "nothing was sent to Kaspi");
+    assert_eq!(w.kaspi.order(&order.id).unwrap().status, "APPROVED_BY_BANK");
+    stop.cancel();
+    task.await.unwrap();
+    let World { db, .. } = w;
+    db.drop_now().await.unwrap();
+}

@@ -105,16 +105,23 @@ pub async fn claim_unprocessed(
 }
 
 /// Marks an item processed.
-/// Whether changes of a lead were judged with `outcome` (set aside as of a
-/// lead no order was linked to) within the last day.
-pub async fn has_outcome(pool: &PgPool, account: &str, outcome: &str) -> Result<bool, StoreError> {
+/// Whether a change judged with `outcome` (set aside as of a lead no order
+/// was linked to) within the last day reported the lead in stage `status_id`.
+pub async fn has_outcome_at_stage(
+    pool: &PgPool,
+    account: &str,
+    outcome: &str,
+    status_id: i64,
+) -> Result<bool, StoreError> {
     Ok(sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM inbox
                          WHERE source = 'amocrm' AND account = $1 AND outcome = $2
-                           AND received_at > now() - interval '1 day')",
+                           AND received_at > now() - interval '1 day'
+                           AND payload->>'status_id' = $3::bigint::text)",
     )
     .bind(account)
     .bind(outcome)
+    .bind(status_id)
     .fetch_one(pool)
     .await?)
 }

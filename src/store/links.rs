@@ -228,6 +228,27 @@ pub async fn record_push(
     Ok(intended_at)
 }
 
+/// Whether the bridge ever recorded a push of this stage on this lead (pushes
+/// are kept a day).
+pub async fn was_pushed(
+    pool: &PgPool,
+    crm_account: &str,
+    lead_id: i64,
+    pipeline_id: i64,
+    status_id: i64,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM crm_pushes
+                         WHERE crm_account = $1 AND lead_id = $2 AND pipeline_id = $3 AND status_id = $4)",
+    )
+    .bind(crm_account)
+    .bind(lead_id)
+    .bind(pipeline_id)
+    .bind(status_id)
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Takes a reported change for the bridge's own echo when the bridge recorded
 /// a push of exactly this stage on this lead, not yet matched by another
 /// change (reports of the same change, by webhook and by poll, all match), and

@@ -604,10 +604,28 @@ impl CrmSyncHandler {
                 )
                 .await;
                 // A manager may have moved the lead while it was not linked:
-                // those changes were set aside, and are judged once it is.
+                // a change set aside then reported the stage it is in, a stage
+                // the bridge never set on it (an earlier attempt's move whose
+                // answer was lost is the bridge's own). The set-aside changes
+                // are judged again once the lead is linked.
                 let set_aside = crate::sync::to_marketplace::unlinked_outcome(lead.id as i64);
-                let moved_while_unlinked =
-                    inbox::has_outcome(&self.pool, to.crm_account, &set_aside).await?;
+                let moved_while_unlinked = (lead.pipeline_id, lead.status_id)
+                    != (pipeline_id, status_id)
+                    && inbox::has_outcome_at_stage(
+                        &self.pool,
+                        to.crm_account,
+                        &set_aside,
+                        lead.status_id as i64,
+                    )
+                    .await?
+                    && !links::was_pushed(
+                        &self.pool,
+                        to.crm_account,
+                        lead.id as i64,
+                        lead.pipeline_id as i64,
+                        lead.status_id as i64,
+                    )
+                    .await?;
                 if moved_while_unlinked {
                     tracing::info!(order = %order.code, lead_id = lead.id,
                         "The lead changed while it was not linked; those changes are judged now (a manager's move is kept).");
