@@ -206,6 +206,52 @@ merchant_uid = "{uid}"
                 == 0
     }
 
+    /// An order's lead, left as a daemon that died between creating the lead
+    /// and linking it leaves it (the link row gone); returns the order, the
+    /// lead and the order's row id.
+    async fn lead_left_unlinked(
+        &self,
+        code: &str,
+    ) -> (
+        orderbridge::sim::kaspi::SimOrder,
+        orderbridge::sim::amocrm::SimLead,
+        i64,
+    ) {
+        let order = self.kaspi.create_order(SimOrderSpec::new(
+            code,
+            chrono::Utc::now().timestamp_millis() - 60_000,
+        ));
+        let lead = self.the_lead().await;
+        wait_for("the lead settled", Duration::from_secs(30), || {
+            self.settled()
+        })
+        .await;
+        let order_id: i64 = sqlx::query_scalar("SELECT order_id FROM crm_links")
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM crm_links WHERE order_id = $1")
+            .bind(order_id)
+            .execute(&self.db.pool)
+            .await
+            .unwrap();
+        (order, lead, order_id)
+    }
+
+    /// Waits until a change of `lead_id` was set aside (no order linked to it).
+    async fn set_aside(&self, lead_id: u64) {
+        let outcome = format!("ignored: lead {lead_id} is not linked to any order");
+        wait_for("the change set aside", Duration::from_secs(30), || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE outcome = $1")
+                .bind(&outcome)
+                .fetch_one(&self.db.pool)
+                .await
+                .unwrap();
+            n >= 1 && self.settled().await
+        })
+        .await;
+    }
+
     /// The user the bridge's token acts as, as amoCRM reports it.
     async fn bridge_user(&self) -> u64 {
         let account: serde_json::Value = reqwest::Client::new()
@@ -950,36 +996,13 @@ async fn a_managers_move_heard_late_behind_the_bridges_own_field_update_still_re
 async fn a_managers_move_made_before_a_crashed_creation_linked_its_lead_still_reaches_kaspi() {
     let w = world().await;
     let (stop, task, _) = w.start_subscribed(None).await;
-    let order = w.kaspi.create_order(SimOrderSpec::new(
-        "770001",
-        chrono::Utc::now().timestamp_millis() - 60_000,
-    ));
-    let lead = w.the_lead().await;
-    wait_for("the lead settled", Duration::from_secs(30), || w.settled()).await;
     // As if the daemon had died between creating the lead and linking it.
-    let order_id: i64 = sqlx::query_scalar("SELECT order_id FROM crm_links")
-        .fetch_one(&w.db.pool)
-        .await
-        .unwrap();
-    sqlx::query("DELETE FROM crm_links WHERE order_id = $1")
-        .bind(order_id)
-        .execute(&w.db.pool)
-        .await
-        .unwrap();
+    let (order, lead, order_id) = w.lead_left_unlinked("770001").await;
     // A manager accepts meanwhile: the change is set aside.
     let (pipeline, working) = w.stage("В работе / Сборка").await;
     w.amo
         .manager_moves_lead(lead.id, pipeline, working, w.manager);
-    let set_aside = format!("ignored: lead {} is not linked to any order", lead.id);
-    wait_for("the change set aside", Duration::from_secs(30), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE outcome = $1")
-            .bind(&set_aside)
-            .fetch_one(&w.db.pool)
-            .await
-            .unwrap();
-        n >= 1 && w.settled().await
-    })
-    .await;
+    w.set_aside(lead.id).await;
     // The creation's retry (a job whose earlier attempt died looks first).
     enqueue_kaspi_crm_sync(&w.db.pool, order_id, serde_json::json!({"recover": true})).await;
     wait_for("Kaspi accepted", Duration::from_secs(30), || async {
@@ -1015,21 +1038,7 @@ async fn a_managers_move_made_before_a_crashed_creation_linked_its_lead_still_re
 async fn the_bridges_own_move_of_a_lead_not_yet_linked_is_not_taken_for_a_managers() {
     let w = world().await;
     let (stop, task, _) = w.start_subscribed(None).await;
-    let order = w.kaspi.create_order(SimOrderSpec::new(
-        "780001",
-        chrono::Utc::now().timestamp_millis() - 60_000,
-    ));
-    let lead = w.the_lead().await;
-    wait_for("the lead settled", Duration::from_secs(30), || w.settled()).await;
-    let order_id: i64 = sqlx::query_scalar("SELECT order_id FROM crm_links")
-        .fetch_one(&w.db.pool)
-        .await
-        .unwrap();
-    sqlx::query("DELETE FROM crm_links WHERE order_id = $1")
-        .bind(order_id)
-        .execute(&w.db.pool)
-        .await
-        .unwrap();
+    let (order, lead, order_id) = w.lead_left_unlinked("780001").await;
     // An earlier attempt of the bridge moved the lead (its push recorded
     // first, as always) and died with the answer.
     let (pipeline, working) = w.stage("В работе / Сборка").await;
@@ -1050,16 +1059,7 @@ async fn the_bridges_own_move_of_a_lead_not_yet_linked_is_not_taken_for_a_manage
         .await
         .unwrap();
     assert!(moved.status().is_success(), "{}", moved.status());
-    let set_aside = format!("ignored: lead {} is not linked to any order", lead.id);
-    wait_for("the change set aside", Duration::from_secs(30), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE outcome = $1")
-            .bind(&set_aside)
-            .fetch_one(&w.db.pool)
-            .await
-            .unwrap();
-        n >= 1 && w.settled().await
-    })
-    .await;
+    w.set_aside(lead.id).await;
     enqueue_kaspi_crm_sync(&w.db.pool, order_id, serde_json::json!({"recover": true})).await;
     let (_, new) = w.stage("Новая заявка").await;
     wait_for(
