@@ -34,6 +34,16 @@ struct Inner {
     probe: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// An answer's `Retry-After` in seconds (neither Kaspi nor Avito documents
+/// it; honoured where present).
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
 /// The pause of one account; clones share it.
 #[derive(Clone, Default)]
 pub struct Throttle(Arc<Inner>);

@@ -104,7 +104,6 @@ pub async fn claim_unprocessed(
     Ok(rows)
 }
 
-/// Marks an item processed.
 /// Whether a change judged with `outcome` (set aside as of a lead no order
 /// was linked to) within the last day reported the lead in stage `status_id`.
 pub async fn has_outcome_at_stage(
@@ -146,6 +145,7 @@ pub async fn reopen_with_outcome(
     Ok(done.rows_affected())
 }
 
+/// Marks an item processed.
 pub async fn mark_processed(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     id: i64,

@@ -159,7 +159,8 @@ pub async fn target_served(pool: &PgPool, target: &str) -> Result<bool, StoreErr
     Ok(served)
 }
 
-/// A stored order of a reconciled range, with its link.
+/// A stored order of a reconciled range, with its lead (a lead found in
+/// another stage is judged against its link as read then, not here).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredOrder {
     pub order_id: i64,
@@ -170,9 +171,6 @@ pub struct StoredOrder {
     pub status_key: String,
     pub is_terminal: bool,
     pub lead_id: Option<i64>,
-    pub pushed_pipeline_id: Option<i64>,
-    pub pushed_status_id: Option<i64>,
-    pub manager_moved: Option<bool>,
 }
 
 /// The stored orders of `shops` created at or after `since`, and those older
@@ -184,7 +182,7 @@ pub async fn orders_in_range(
 ) -> Result<Vec<StoredOrder>, StoreError> {
     let rows = sqlx::query_as(
         "SELECT o.id AS order_id, o.marketplace, o.account, o.external_id, o.code, o.status_key,
-                o.is_terminal, l.lead_id, l.pushed_pipeline_id, l.pushed_status_id, l.manager_moved
+                o.is_terminal, l.lead_id
          FROM orders o LEFT JOIN crm_links l ON l.order_id = o.id
          WHERE o.account = ANY($1) AND (o.source_created_at >= $2 OR NOT o.is_terminal)
          ORDER BY o.source_created_at, o.id",

@@ -228,23 +228,19 @@ impl AvitoClient {
                 limit = header("x-ratelimit-limit"), remaining = header("x-ratelimit-remaining"),
                 retry_after = header("retry-after"), "Avito answered 429 Too Many Requests.");
         }
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let retry_after = crate::connectors::throttle::retry_after(response.headers());
         let body = response.bytes().await.map_err(|e| self.transport(e))?;
         metrics::counter!("orderbridge_avito_requests_total",
             "account" => self.account().to_string(), "endpoint" => endpoint.as_str(),
             "status" => status.as_u16().to_string())
         .increment(1);
         if status == StatusCode::TOO_MANY_REQUESTS {
-            let pause = admitted.rate_limited(retry_after.map(Duration::from_secs));
+            let pause = admitted.rate_limited(retry_after);
             tracing::warn!(account = %self.account(), pause_ms = pause.as_millis() as u64,
                 "Avito rate-limited the account; every request to it pauses.");
             return Err(AvitoError::RateLimited {
                 endpoint: endpoint.as_str(),
-                retry_after: retry_after.map(Duration::from_secs),
+                retry_after,
             });
         }
         admitted.answered();

@@ -202,12 +202,7 @@ impl KaspiClient {
         let response = request.send().await.map_err(|e| self.transport(e))?;
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let retry_after = crate::connectors::throttle::retry_after(response.headers());
             let pause = admitted.rate_limited(retry_after);
             tracing::warn!(shop = %self.shop.name, path, pause_ms = pause.as_millis() as u64,
                 "Kaspi answered 429 Too Many Requests; every request of the shop pauses.");
